@@ -1,0 +1,48 @@
+"""The per-clip loop every stage shares: progress bar, failure isolation, a summary line."""
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from typing import Callable, Iterable, TypeVar
+
+from tqdm import tqdm
+
+from features.errors import ClipError, MerError
+from features.reports import FailureReport
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def for_each_clip(items: Iterable[tuple[str, T]], work: Callable[[str, T], None],
+                  failures: FailureReport, desc: str, total: int | None = None) -> int:
+    """Call ``work(clip_id, item)`` for every item; one bad clip is recorded, never fatal.
+
+    A ClipError is an expected data problem (its reason is recorded). Any other exception is
+    recorded as ``error`` with its type, and its traceback logged, so a bug shows up in the report
+    instead of stopping a run of thousands. If every clip fails, the stage fails: that is a
+    configuration problem, not a bad clip. Returns the number of clips done.
+    """
+    done = seen = 0
+    start = time.perf_counter()
+    for clip_id, item in tqdm(items, desc=desc, unit="clip", total=total):
+        seen += 1
+        try:
+            work(clip_id, item)
+            done += 1
+        except ClipError as err:
+            failures.add_error(err)
+        except MerError:
+            raise  # configuration / model errors concern every clip: stop with the message
+        except Exception as err:  # noqa: BLE001 - isolate one clip's unexpected failure
+            log.debug("clip %s failed:\n%s", clip_id, traceback.format_exc())
+            failures.add(clip_id, "error", f"{type(err).__name__}: {err}")
+    elapsed = time.perf_counter() - start
+    print(f"[{desc}] {done}/{seen} clips done, {seen - done} failed, "
+          f"{elapsed:.1f} s ({done / max(elapsed, 1e-9):.1f} clips/s)")
+    if seen and not done:
+        first = failures.items[0] if failures.items else None
+        raise MerError(f"{desc}: every one of {seen} clips failed; first: "
+                       f"{first.clip_id if first else '?'}: {first.message if first else '?'}")
+    return done

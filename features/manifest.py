@@ -1,0 +1,183 @@
+"""The clip manifest: which clips exist, their content hash, duration, label and fold.
+
+Input is the MER2024 layout: a folder of videos, a label CSV ``name,discrete[,valence]``, an optional
+folder of unlabelled videos and an optional transcript CSV. Output is ``manifest.csv`` (one row per
+clip that can be decoded) and ``failures.json`` (clips that cannot, and why).
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from features.errors import ClipError, ConfigError
+from features.media import probe, sha256_file
+from features.reports import FailureReport
+from features.store import check_clip_id
+
+log = logging.getLogger(__name__)
+
+CLASSES = ("neutral", "angry", "happy", "sad", "worried", "surprise")
+UNLABELLED_FOLD = -1
+
+
+@dataclass
+class PrepareConfig:
+    """params.yaml `prepare`."""
+    videos: str                          # folder of (labelled and test) videos
+    labels: str                          # CSV name,discrete[,valence]
+    unlabelled: str = ""                 # optional folder of unlabelled videos
+    transcripts: str = ""                # optional CSV name,text (used by the asr stage)
+    folds: int = 5                       # stratified cross-validation folds over labelled clips
+    seed: int = 0                        # fold assignment seed
+    extensions: list[str] = field(default_factory=lambda: [".mp4", ".avi", ".mkv", ".mov", ".webm"])
+
+
+@dataclass
+class Clip:
+    clip_id: str       # file stem, the key in every store
+    path: str          # video path as given (relative to the repo when possible)
+    size: int          # bytes
+    sha256: str        # content hash: the per-clip cache key in later stages
+    duration_s: float  # container duration in seconds
+    label: str         # one of CLASSES, or "" when unlabelled
+    fold: int          # 0..folds-1 for labelled clips, -1 otherwise
+    split: str         # "labelled" | "unlabelled"
+
+
+def read_labels(path: str | os.PathLike) -> dict[str, str]:
+    """name -> class from a MER-style label CSV; strict about duplicates and unknown classes."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"label CSV {path} does not exist; set prepare.labels in params.yaml.")
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames or not {"name", "discrete"} <= set(reader.fieldnames):
+            raise ConfigError(f"label CSV {path} needs columns 'name,discrete' (MER2024 layout); "
+                              f"found {reader.fieldnames}.")
+        labels: dict[str, str] = {}
+        bad: list[str] = []
+        for line, row in enumerate(reader, start=2):
+            name, label = row["name"].strip(), row["discrete"].strip().lower()
+            if name in labels:
+                raise ConfigError(f"label CSV {path} line {line}: duplicate clip id {name!r}; "
+                                  f"each clip may be labelled once.")
+            if label not in CLASSES:
+                bad.append(f"line {line} {name!r}: {label!r}")
+            labels[name] = label
+    if bad:
+        raise ConfigError(f"label CSV {path}: {len(bad)} label(s) outside {list(CLASSES)}: "
+                          f"{bad[:5]}. Fix or drop those rows.")
+    return labels
+
+
+def find_videos(folder: str | os.PathLike, extensions: list[str]) -> dict[str, Path]:
+    """clip id (file stem) -> path for every video in `folder` (not recursive)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConfigError(f"video folder {folder} does not exist; fix the path in params.yaml.")
+    found: dict[str, Path] = {}
+    exts = {e.lower() for e in extensions}
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() not in exts:
+            continue
+        if path.stem in found:
+            raise ConfigError(f"clip id {path.stem!r} appears twice in {folder} "
+                              f"({found[path.stem].name}, {path.name}); rename one.")
+        found[path.stem] = path
+    return found
+
+
+def assign_folds(labels: list[str], folds: int, seed: int) -> np.ndarray:
+    """Seeded stratified fold ids. Classes with fewer clips than folds are spread round-robin."""
+    from sklearn.model_selection import StratifiedKFold
+
+    y = np.array(labels)
+    out = np.zeros(len(y), dtype=np.int64)
+    smallest = min(np.unique(y, return_counts=True)[1]) if len(y) else 0
+    n_splits = min(folds, int(smallest))
+    if n_splits < folds:
+        log.warning("a class has only %d labelled clips: using %d folds instead of %d",
+                    smallest, n_splits, folds)
+    if n_splits < 2:
+        raise ConfigError(f"cannot make cross-validation folds: a class has {smallest} labelled "
+                          f"clip(s); every class needs at least 2.")
+    skf = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    for k, (_, held) in enumerate(skf.split(np.zeros(len(y)), y)):
+        out[held] = k
+    return out
+
+
+def _describe(clip_id: str, path: Path, label: str, split: str) -> Clip:
+    info = probe(path, clip_id)
+    if not info.has_video and not info.has_audio:
+        raise ClipError(clip_id, "unreadable", f"{path} has neither a video nor an audio stream.")
+    return Clip(clip_id=clip_id, path=str(path), size=path.stat().st_size,
+                sha256=sha256_file(path), duration_s=round(float(info.duration_s), 3),
+                label=label, fold=UNLABELLED_FOLD, split=split)
+
+
+def scan(cfg: PrepareConfig) -> tuple[list[Clip], FailureReport]:
+    """All clips of the corpus with hashes and folds, plus the clips that could not be read."""
+    labels = read_labels(cfg.labels)
+    videos = find_videos(cfg.videos, cfg.extensions)
+    unlabelled = find_videos(cfg.unlabelled, cfg.extensions) if cfg.unlabelled else {}
+    clash = sorted(set(videos) & set(unlabelled))
+    if clash:
+        raise ConfigError(f"clip id(s) {clash[:5]} are both in {cfg.videos} and {cfg.unlabelled}; "
+                          f"ids must be unique across folders.")
+    failures = FailureReport("prepare")
+    for name in sorted(set(labels) - set(videos)):
+        failures.add(name, "missing_file", f"labelled in {cfg.labels} but no video named "
+                     f"{name}.* in {cfg.videos}; add the file or drop the row.")
+    todo = [(cid, p, labels.get(cid, ""), "labelled" if cid in labels else "unlabelled")
+            for cid, p in videos.items()]
+    todo += [(cid, p, "", "unlabelled") for cid, p in unlabelled.items()]
+    clips: list[Clip] = []
+    for cid, path, label, split in tqdm(todo, desc="prepare", unit="clip"):
+        try:
+            check_clip_id(cid)
+            clips.append(_describe(cid, path, label, split))
+        except ClipError as err:
+            failures.add_error(err)
+    labelled = [c for c in clips if c.label]
+    for clip, fold in zip(labelled, assign_folds([c.label for c in labelled], cfg.folds, cfg.seed)):
+        clip.fold = int(fold)
+    return clips, failures
+
+
+def write_manifest(path: str | os.PathLike, clips: list[Clip]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=[f.name for f in fields(Clip)])
+        writer.writeheader()
+        writer.writerows(asdict(c) for c in clips)
+    os.replace(tmp, path)
+
+
+def read_manifest(path: str | os.PathLike) -> list[Clip]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"manifest {path} does not exist; run the prepare stage first.")
+    with open(path, newline="", encoding="utf-8") as fh:
+        return [Clip(clip_id=r["clip_id"], path=r["path"], size=int(r["size"]), sha256=r["sha256"],
+                     duration_s=float(r["duration_s"]), label=r["label"], fold=int(r["fold"]),
+                     split=r["split"]) for r in csv.DictReader(fh)]
+
+
+def prepare(cfg: PrepareConfig, out_dir: str | os.PathLike) -> list[Clip]:
+    """The prepare stage: write ``manifest.csv`` and ``failures.json`` into `out_dir`."""
+    clips, failures = scan(cfg)
+    if not clips:
+        raise ConfigError(f"no readable video in {cfg.videos}; check prepare.videos and extensions.")
+    out = Path(out_dir)
+    write_manifest(out / "manifest.csv", clips)
+    failures.write(out / "failures.json")
+    return clips

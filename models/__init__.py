@@ -1,0 +1,1 @@
+"""Heads trained on cached features: probes, fusion heads, cross-validation and metrics."""
