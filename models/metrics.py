@@ -1,0 +1,46 @@
+"""Evaluation of class probabilities against labels (weighted F1 is the MER main metric)."""
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+
+from features.errors import ConfigError
+from models.config import CLASSES
+
+DIGITS = 4
+
+
+def compute_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict:
+    """Weighted/macro F1, accuracy, per-class F1 and support, confusion (rows true, cols pred).
+
+    Weighted and macro F1 follow sklearn's default label set (classes seen in labels or
+    predictions), as MERTools reports them; per-class entries cover every class in CLASSES.
+    """
+    y_true, y_pred = _checked(y_true, probs)
+    ids = list(range(len(CLASSES)))
+    per_class = f1_score(y_true, y_pred, labels=ids, average=None, zero_division=0)
+    return {
+        "weighted_f1": _r(f1_score(y_true, y_pred, average="weighted", zero_division=0)),
+        "accuracy": _r(accuracy_score(y_true, y_pred)),
+        "macro_f1": _r(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+        "per_class_f1": {c: _r(f) for c, f in zip(CLASSES, per_class)},
+        "support": {c: int(n) for c, n in zip(CLASSES, np.bincount(y_true, minlength=len(ids)))},
+        "confusion": confusion_matrix(y_true, y_pred, labels=ids).tolist(),
+    }
+
+
+def _checked(y_true: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    y_true, probs = np.asarray(y_true), np.asarray(probs)
+    if probs.ndim != 2 or probs.shape != (len(y_true), len(CLASSES)):
+        raise ConfigError(
+            f"probs must be [N, {len(CLASSES)}] for {len(y_true)} labels, got {probs.shape}."
+        )
+    if len(y_true) == 0:
+        raise ConfigError("cannot compute metrics on zero labelled clips.")
+    if y_true.min() < 0 or y_true.max() >= len(CLASSES):
+        raise ConfigError(f"labels must be class ids 0..{len(CLASSES) - 1}, got {y_true.min()}..{y_true.max()}.")
+    return y_true.astype(np.int64), probs.argmax(axis=1)
+
+
+def _r(x: float) -> float:
+    return round(float(x), DIGITS)

@@ -1,0 +1,19 @@
+"""DVC stage `asr`: transcripts per clip (a user transcript CSV wins over ASR)."""
+from features.asr import AsrConfig
+from features.config import from_section
+from features.extract import transcribe_audio
+from stages.common import load_params, parser, setup
+
+
+def main(argv=None) -> None:
+    p = parser(__doc__)
+    p.add_argument("--audio", required=True, help="audio store (denoised) to transcribe")
+    p.add_argument("--out", required=True, help="output folder")
+    args = p.parse_args(argv)
+    setup()
+    transcribe_audio(args.audio, from_section(AsrConfig, load_params("asr", args.params), "asr"),
+                     args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""`mer`: the same stage functions as `dvc repro`, for use outside DVC.
+
+    mer prepare --out artifacts/prepare          (any stage: mer STAGE --help)
+    mer standins artifacts/standins              build the random-weight demo stand-ins
+    mer store inspect artifacts/features/hubert.h5
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+from features.errors import MerError
+
+STAGES = ("prepare", "audio", "denoise", "asr", "faces", "embed", "train", "evaluate")
+
+
+def _inspect(argv: list[str]) -> None:
+    from features.store import StoreReader
+    p = argparse.ArgumentParser(prog="mer store inspect", description="What a store holds.")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    args = p.parse_args(argv)
+    with StoreReader(args.path) as store:
+        info = store.summary()
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return
+    print(f"{info['path']}: {info['kind']} store, {info['clips']} clips, "
+          f"{info['bytes'] / 1e6:.1f} MB")
+    if "pooled" in info:
+        pooled = info["pooled"]
+        print(f"  pooled: {pooled['layers']} layers x {pooled['dim']} dims, {pooled['dtype']}")
+    if "per_clip" in info:
+        print(f"  per clip: e.g. shape {info['per_clip']['example_shape']}, "
+              f"{info['per_clip']['dtype']}")
+    for key, value in info["meta"].items():
+        print(f"  {key}: {json.dumps(value) if not isinstance(value, str) else value}")
+
+
+def _standins(argv: list[str]) -> None:
+    from features.standins import build_standins
+    p = argparse.ArgumentParser(prog="mer standins",
+                                description="Build random-weight HuBERT/CLIP stand-ins for the demo.")
+    p.add_argument("out_dir", nargs="?", default="artifacts/standins")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    for name, path in build_standins(args.out_dir, seed=args.seed).items():
+        print(f"{name}: {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    usage = f"usage: mer {{{','.join(STAGES)},standins,store}} ..."
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip() + "\n\n" + usage)
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    try:
+        if cmd in STAGES:
+            importlib.import_module(f"stages.{cmd}").main(rest)
+        elif cmd == "standins":
+            _standins(rest)
+        elif cmd == "store" and rest[:1] == ["inspect"]:
+            _inspect(rest[1:])
+        else:
+            print(f"mer: unknown command {' '.join(argv[:2])!r}\n{usage}", file=sys.stderr)
+            return 2
+    except MerError as err:
+        print(f"mer {cmd}: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
