@@ -1,0 +1,56 @@
+"""Pooling of hidden states over valid positions, on the device that computed them.
+
+Every family reduces a `[B, T, D]` tensor along T with a `[B, T]` validity mask, so padding
+never leaks into a clip's vector. Positions must be right-padded (valid ones first), which every
+encoder here guarantees.
+"""
+from __future__ import annotations
+
+import torch
+
+from features.errors import ConfigError
+
+POOLINGS = ("mean", "cls", "last")
+
+
+def check_pooling(name: str) -> str:
+    if name not in POOLINGS:
+        raise ConfigError(
+            f"pooling {name!r} is unknown; use one of {list(POOLINGS)} "
+            f"(mean = average of valid positions, cls = first position, last = last valid position)."
+        )
+    return name
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    """Reduce `hidden` [B, T, D] over valid positions of `mask` [B, T] -> [B, D] float32.
+
+    Sums accumulate in float32 so half-precision models do not lose the mean over long clips.
+    """
+    if how == "mean":
+        return masked_mean(hidden, mask)
+    if how == "cls":
+        return hidden[:, 0].float()
+    if how == "last":
+        return last_valid(hidden, mask)
+    raise ConfigError(f"pooling {how!r} is unknown; use one of {list(POOLINGS)}.")
+
+
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    weights = mask.to(hidden.dtype).unsqueeze(-1)
+    total = (hidden * weights).sum(dim=1, dtype=torch.float32)
+    count = mask.sum(dim=1, dtype=torch.float32).clamp(min=1.0).unsqueeze(-1)
+    return total / count
+
+
+def last_valid(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # Right padding: the last valid position is length - 1.
+    index = (mask.long().sum(dim=1) - 1).clamp(min=0)
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    return hidden[rows, index].float()
+
+
+def lengths_to_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+    """[B] valid lengths -> [B, max_len] bool mask with valid positions first."""
+    steps = torch.arange(max_len, device=lengths.device)
+    return steps.unsqueeze(0) < lengths.unsqueeze(1)
