@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,14 @@ from models.config import CLASSES, HeadConfig, TrainConfig
 from models.metrics import compute_metrics
 from models.plots import confusion_rows, plot_confusion
 from models.train import cross_validate, head_inputs, save_bundle
+
+
+
+@dataclass
+class EvaluateConfig:
+    """params.yaml `evaluate`."""
+    main_head: str = "attention"  # the head whose confusion matrix is plotted
+
 
 PREDICTIONS, BUNDLE, HISTORY = "predictions.csv", "model.pt", "history.json"
 

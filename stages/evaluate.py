@@ -1,19 +1,19 @@
 """DVC stage `evaluate`: metrics.json (weighted F1, accuracy, per-class F1) and a confusion plot."""
 import json
 
-from models.run import evaluate
+from features.config import from_section
+from models.run import EvaluateConfig, evaluate
 from stages.common import load_params, parser, setup
 
 
 def main(argv=None) -> None:
     p = parser(__doc__)
-    p.add_argument("--manifest", required=True, help="(dependency only: labels come with predictions)")
     p.add_argument("--heads", required=True, help="folder of trained heads")
     p.add_argument("--out", required=True, help="output folder for metrics and plots")
     args = p.parse_args(argv)
     setup()
-    params = load_params("evaluate", args.params)
-    metrics = evaluate(args.heads, params["main_head"], args.out)
+    cfg = from_section(EvaluateConfig, load_params("evaluate", args.params), "evaluate")
+    metrics = evaluate(args.heads, cfg.main_head, args.out)
     width = max(len(h) for h in metrics)
     print(f"{'head':<{width}}  weighted_f1  accuracy  (out-of-fold, labelled clips)")
     for head, m in metrics.items():
