@@ -1,0 +1,126 @@
+"""End to end on a tiny corpus through real `dvc repro`: outputs, no-op rerun, targeted rerun."""
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from features.media import ffmpeg_exe
+from features.store import StoreReader
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ("neutral", "angry", "happy", "sad", "worried", "surprise")
+pytestmark = pytest.mark.slow
+
+
+def _video(path: Path, tone_hz: int, seconds: float = 1.0) -> None:
+    subprocess.run(
+        [ffmpeg_exe(), "-v", "error", "-y",
+         "-f", "lavfi", "-i", f"testsrc=size=64x64:rate=10:duration={seconds}",
+         "-f", "lavfi", "-i", f"sine=frequency={tone_hz}:sample_rate=44100:duration={seconds}",
+         "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", str(path)],
+        check=True)
+
+
+def _tiny_params(models: dict) -> dict:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["prepare"].update(videos="data/video", labels="data/labels.csv",
+                             unlabelled="data/unlabelled", folds=2)
+    params["denoise"]["backend"] = "none"
+    params["faces"].update(fps=2.0, size=32, max_frames=2)
+    params["embed"]["encoders"] = {
+        "hubert": {**params["embed"]["encoders"]["hubert"], "model": models["hubert-standin"]},
+        "minilm": params["embed"]["encoders"]["minilm"],
+    }
+    params["train"]["folds"] = 2
+    params["train"]["heads"] = {
+        "probe_hubert": {"type": "probe", "features": ["hubert"], "layer": "mean", "epochs": 3},
+        "attention": {"type": "attention", "features": ["hubert", "minilm"], "epochs": 3},
+    }
+    return params
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A fresh git+DVC project holding this repo's code and dvc.yaml, and 14 tiny clips."""
+    from features.standins import build_standins
+
+    proj = tmp_path_factory.mktemp("proj")
+    for name in ("features", "models", "stages"):
+        shutil.copytree(ROOT / name, proj / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", proj / "dvc.yaml")
+    shutil.copy(ROOT / ".gitignore", proj / ".gitignore")
+    (proj / "data/video").mkdir(parents=True)
+    (proj / "data/unlabelled").mkdir()
+    rows = []
+    for i in range(12):
+        name = f"clip_{i:02d}"
+        _video(proj / "data/video" / f"{name}.mp4", 200 + 60 * (i % 6))
+        rows.append((name, CLASSES[i % 6]))
+    for i in range(2):
+        _video(proj / "data/unlabelled" / f"unlab_{i}.mp4", 300)
+    with open(proj / "data/labels.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([("name", "discrete"), *rows])
+    models = build_standins(proj / "standins", seed=0)
+    (proj / "params.yaml").write_text(yaml.safe_dump(_tiny_params(
+        {k: str(v) for k, v in models.items()})))
+    env = _env()
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"],
+                ["dvc", "config", "core.analytics", "false"]):
+        subprocess.run(cmd, cwd=proj, check=True, env=env)
+    return proj
+
+
+def _env() -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
+    return env
+
+
+def _repro(proj: Path) -> str:
+    done = subprocess.run(["dvc", "repro"], cwd=proj, env=_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def _ran(log: str) -> set[str]:
+    return {line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage")}
+
+
+def test_repro_builds_everything_then_noop_then_only_what_changed(project):
+    first = _ran(_repro(project))
+    assert {"prepare", "audio", "denoise", "asr", "faces", "embed@hubert", "embed@minilm",
+            "train@probe_hubert", "train@attention", "evaluate"} <= first
+
+    with StoreReader(project / "artifacts/audio/audio.h5", kind="audio") as s:
+        assert len(s) == 14 and s.get("clip_00").dtype.name == "float32"
+        assert 15000 < len(s.get("clip_00")) < 17000  # 1 s at 16 kHz
+    with StoreReader(project / "artifacts/features/hubert.h5", kind="embedding") as s:
+        layers, n, dim = s.pooled_shape
+        assert n == 14 and layers == s.meta["num_layers"] and s.get("clip_00").shape[0] == 1
+    metrics = json.loads((project / "results/metrics.json").read_text())
+    assert set(metrics["heads"]) == {"probe_hubert", "attention"}
+    assert 0.0 <= metrics["heads"]["attention"]["weighted_f1"] <= 1.0
+    assert (project / "results/confusion.png").stat().st_size > 1000
+
+    assert _ran(_repro(project)) == set()  # nothing changed: nothing runs
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["embed"]["encoders"]["hubert"]["layers_frames"] = [0, -1]
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    rerun = _ran(_repro(project))
+    assert "embed@hubert" in rerun
+    assert not rerun & {"prepare", "audio", "denoise", "asr", "faces", "embed@minilm"}
+    with StoreReader(project / "artifacts/features/hubert.h5") as s:
+        assert s.get("clip_00").shape[0] == 2
+
+
+def test_no_hdf5_tracked_by_git():
+    tracked = subprocess.run(["git", "ls-files", "*.h5", "*.hdf5"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout
+    assert tracked == "", f"HDF5 files must be DVC outputs, not in git: {tracked}"
