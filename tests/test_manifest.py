@@ -1,0 +1,83 @@
+"""The prepare stage: manifest rows, folds, and clear errors for bad corpora."""
+import csv
+import subprocess
+
+import pytest
+
+from features.errors import ConfigError
+from features.manifest import CLASSES, PrepareConfig, prepare, read_manifest
+from features.media import ffmpeg_exe
+from features.reports import FailureReport
+
+
+def _video(path, seconds=0.5):
+    subprocess.run([ffmpeg_exe(), "-v", "error", "-y", "-f", "lavfi", "-i",
+                    f"testsrc=size=32x32:rate=5:duration={seconds}", "-f", "lavfi", "-i",
+                    f"sine=frequency=300:sample_rate=44100:duration={seconds}", "-c:v", "libx264",
+                    "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", str(path)], check=True)
+
+
+@pytest.fixture(scope="module")
+def one_video(tmp_path_factory):
+    path = tmp_path_factory.mktemp("media") / "v.mp4"
+    _video(path)
+    return path
+
+
+def _corpus(root, one_video, labels, unlabelled=(), extra_rows=()):
+    (root / "video").mkdir()
+    (root / "unlab").mkdir()
+    for name in labels:
+        (root / "video" / f"{name}.mp4").write_bytes(one_video.read_bytes())
+    for name in unlabelled:
+        (root / "unlab" / f"{name}.mp4").write_bytes(one_video.read_bytes())
+    with open(root / "labels.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([("name", "discrete"), *labels.items(), *extra_rows])
+    return PrepareConfig(videos=str(root / "video"), labels=str(root / "labels.csv"),
+                         unlabelled=str(root / "unlab"), folds=2)
+
+
+def test_manifest_rows_and_stratified_folds(tmp_path, one_video):
+    labels = {f"c{i}": CLASSES[i % 6] for i in range(12)}
+    cfg = _corpus(tmp_path, one_video, labels, unlabelled=["u0", "u1"])
+    prepare(cfg, tmp_path / "out")
+    clips = {c.clip_id: c for c in read_manifest(tmp_path / "out/manifest.csv")}
+    assert len(clips) == 14
+    assert clips["c3"].label == "sad" and clips["c3"].split == "labelled"
+    assert clips["u0"].label == "" and clips["u0"].fold == -1 and clips["u0"].split == "unlabelled"
+    assert 0.4 < clips["c0"].duration_s < 0.7 and len(clips["c0"].sha256) == 64
+    for cls in CLASSES:  # two clips per class, two folds: one in each
+        assert sorted(c.fold for c in clips.values() if c.label == cls) == [0, 1]
+    again = tmp_path / "again"
+    prepare(cfg, again)
+    assert (again / "manifest.csv").read_text() == (tmp_path / "out/manifest.csv").read_text()
+
+
+def test_missing_and_unreadable_clips_are_reported_not_fatal(tmp_path, one_video):
+    labels = {f"c{i}": CLASSES[i % 6] for i in range(12)}
+    cfg = _corpus(tmp_path, one_video, labels, extra_rows=[("ghost", "happy")])
+    (tmp_path / "unlab" / "broken.mp4").write_bytes(b"not a video at all")
+    prepare(cfg, tmp_path / "out")
+    failures = {f.clip_id: f for f in FailureReport.read(tmp_path / "out/failures.json")}
+    assert failures["ghost"].reason == "missing_file" and "ghost" in failures["ghost"].message
+    assert failures["broken"].reason == "unreadable"
+    assert len(read_manifest(tmp_path / "out/manifest.csv")) == 12
+
+
+def test_bad_labels_are_clear_errors(tmp_path, one_video):
+    cfg = _corpus(tmp_path, one_video, {"a": "happy", "b": "joyful"})
+    with pytest.raises(ConfigError, match="outside.*'b'.*'joyful'"):
+        prepare(cfg, tmp_path / "out")
+    (tmp_path / "labels.csv").write_text("name,discrete\na,happy\na,sad\n")
+    with pytest.raises(ConfigError, match="duplicate clip id 'a'"):
+        prepare(cfg, tmp_path / "out")
+    (tmp_path / "labels.csv").write_text("file,emotion\na,happy\n")
+    with pytest.raises(ConfigError, match="name,discrete"):
+        prepare(cfg, tmp_path / "out")
+
+
+def test_id_in_both_folders_is_an_error(tmp_path, one_video):
+    labels = {f"c{i}": CLASSES[i % 6] for i in range(12)}
+    cfg = _corpus(tmp_path, one_video, labels, unlabelled=["c1"])
+    with pytest.raises(ConfigError, match="both in"):
+        prepare(cfg, tmp_path / "out")
