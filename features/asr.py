@@ -30,7 +30,7 @@ class AsrConfig:
     language: str = "en"  # "" = let the model detect it
     beam_size: int = 1
     device: str = "cpu"
-    compute_type: str = "int8"  # faster_whisper: CTranslate2 type; transformers: float16 on cuda, else float32
+    compute_type: str = "int8"  # CTranslate2 type; transformers uses float16 on cuda, else float32
     transcripts_csv: str = ""  # CSV name,text (or MER's name,english/chinese); wins over ASR
 
 

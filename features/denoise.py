@@ -288,7 +288,8 @@ def _load_checkpoint(weights: Path) -> dict:
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - pickle, zip and format errors alike
-        raise ModelLoadError(f"{weights}: cannot read the checkpoint ({err}). Re-download the model folder.") from err
+        raise ModelLoadError(f"{weights}: cannot read the checkpoint ({err}). "
+                             "Re-download the model folder.") from err
     if not isinstance(state, dict) or not state:
         raise ModelLoadError(f"{weights}: not a state dict of tensors. Re-download the model folder.")
     # Checkpoints saved from DataParallel prefix every key with "module.".
@@ -316,7 +317,8 @@ def _load_verified(model, state: dict, folder: Path) -> None:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise ModelLoadError(f"{folder}: weights do not fit the model ({err}). Use the matching model folder.") from err
+        raise ModelLoadError(f"{folder}: weights do not fit the model ({err}). "
+                             "Use the matching model folder.") from err
     loaded = model.state_dict()
     differ = [k for k, v in state.items() if not torch.equal(loaded[k].cpu(), v.to(loaded[k].dtype))]
     if differ:

@@ -248,6 +248,7 @@ EXPRESSIONS = {
 
 SKIN_TONES = ((241, 194, 167), (234, 192, 134), (224, 172, 105), (198, 134, 66),
               (170, 115, 80), (141, 85, 36), (255, 219, 172), (205, 150, 125))
+SCLERA = 0.88
 HAIR_TONES = ((30, 20, 15), (60, 40, 25), (90, 60, 35), (20, 20, 20), (120, 80, 40), (140, 120, 100))
 
 
@@ -383,6 +384,22 @@ def shade_face(img: np.ndarray, look: Look, e: Expression) -> None:
     img[:] = np.clip(img * (1 - d) + (1 - img) * lt * 0.5, 0, 1)
 
 
+def window(img: np.ndarray, pts: np.ndarray, margin: float) -> tuple[np.ndarray, np.ndarray]:
+    """A view of img around pts and its top-left corner: blend small regions, not whole frames."""
+    h, w = img.shape[:2]
+    x0, y0 = np.maximum(np.floor(pts.min(0) - margin), 0).astype(int)
+    x1, y1 = np.minimum(np.ceil(pts.max(0) + margin), [w, h]).astype(int)
+    return img[y0:y1, x0:x1], np.array([x0, y0], dtype=float)
+
+
+def fill_inside(sub: np.ndarray, poly: np.ndarray, inside: np.ndarray) -> None:
+    """Replace the pixels of sub inside poly (anti-aliased edge) by those of inside."""
+    mask = np.zeros(sub.shape[:2], np.float32)
+    cv2.fillPoly(mask, [np.int32(poly)], 1.0, cv2.LINE_AA)
+    m = mask[..., None]
+    sub[:] = sub * (1 - m) + inside * m
+
+
 def draw_eye(img: np.ndarray, look: Look, e: Expression, side: int, blink: float) -> None:
     ex, ey, w, a = eye_geometry(look, e, side)
     open_ = e.eye_open * (1 - blink)
@@ -390,16 +407,13 @@ def draw_eye(img: np.ndarray, look: Look, e: Expression, side: int, blink: float
     lo = 0.07 * a * max(open_ - e.lower_lid * 0.6, 0.1)
     upper = arc(ex - w, ex + w, lambda x: ey - up * (1 - ((x - ex) / w) ** 2))
     lower = arc(ex + w, ex - w, lambda x: ey + lo * (1 - ((x - ex) / w) ** 2))
-    mask = np.zeros(img.shape[:2], np.float32)
-    cv2.fillPoly(mask, [np.int32(np.vstack([upper, lower]))], 1.0, cv2.LINE_AA)
-    eye = np.full_like(img, 0.9)
-    iris_y = ey - 0.15 * (up - lo)
-    cv2.circle(eye, pt(ex, iris_y), int(0.09 * a), col(look.iris), -1, cv2.LINE_AA)
-    cv2.circle(eye, pt(ex, iris_y), int(0.04 * a), (0.05, 0.05, 0.05), -1, cv2.LINE_AA)
-    m = mask[..., None]
-    img[:] = img * (1 - m) + eye * m
-    lash = col(look.hair * 0.5)
-    cv2.polylines(img, [np.int32(upper)], False, lash, max(2, int(0.035 * a)), cv2.LINE_AA)
+    sub, o = window(img, np.vstack([upper, lower]), 0.1 * a)
+    eye = np.full_like(sub, SCLERA)
+    iris = pt(ex - o[0], ey - 0.15 * (up - lo) - o[1])
+    cv2.circle(eye, iris, int(0.09 * a), col(look.iris), -1, cv2.LINE_AA)
+    cv2.circle(eye, iris, int(0.04 * a), (0.05, 0.05, 0.05), -1, cv2.LINE_AA)
+    fill_inside(sub, np.vstack([upper, lower]) - o, eye)
+    cv2.polylines(sub, [np.int32(upper - o)], False, col(look.hair * 0.5), max(2, int(0.035 * a)), cv2.LINE_AA)
 
 
 def draw_brow(img: np.ndarray, look: Look, e: Expression, side: int) -> None:
@@ -442,17 +456,16 @@ def draw_mouth(img: np.ndarray, look: Look, e: Expression, speak: float) -> None
     top_out = arc(cx - w, cx + w, lambda x: centre(x) - (opening * 0.1 + 0.07) * a * bulge(x) ** 0.5)
     bot_out = arc(cx + w, cx - w, lambda x: centre(x) + (opening * 0.22 + 0.09) * a * bulge(x) ** 0.5)
     lip = col(np.clip(look.skin * np.array([0.55, 0.5, 0.85]), 0, 1))
-    cv2.fillPoly(img, [np.int32(np.vstack([top_out, bot_out]))], lip, cv2.LINE_AA)
-    inner = np.zeros(img.shape[:2], np.float32)
-    cv2.fillPoly(inner, [np.int32(np.vstack([top_in, bot_in]))], 1.0, cv2.LINE_AA)
-    mouth = np.full_like(img, 0.12)
+    sub, o = window(img, np.vstack([top_out, bot_out]), 0.05 * a)
+    cv2.fillPoly(sub, [np.int32(np.vstack([top_out, bot_out]) - o)], lip, cv2.LINE_AA)
+    mouth = np.full_like(sub, 0.12)
     if e.teeth > 0.05:
-        teeth_y = centre(cx) - opening * 0.1 * a + e.teeth * 0.09 * a
-        cv2.rectangle(mouth, pt(cx - w, 0), pt(cx + w, teeth_y), (0.9, 0.92, 0.92), -1)
-    m = inner[..., None]
-    img[:] = img * (1 - m) + mouth * m
-    cv2.polylines(img, [np.int32(np.vstack([top_in, bot_in[::-1]]) if opening < 0.03 else top_in)],
-                  False, tuple(v * 0.6 for v in lip), max(2, int(0.025 * a)), cv2.LINE_AA)
+        teeth_y = centre(cx) - opening * 0.1 * a + e.teeth * 0.09 * a - o[1]
+        cv2.rectangle(mouth, (0, 0), pt(mouth.shape[1], teeth_y), (0.9, 0.92, 0.92), -1)
+    fill_inside(sub, np.vstack([top_in, bot_in]) - o, mouth)
+    seam = np.vstack([top_in, bot_in[::-1]]) if opening < 0.03 else top_in
+    cv2.polylines(sub, [np.int32(seam - o)], False, tuple(v * 0.6 for v in lip), max(2, int(0.025 * a)),
+                  cv2.LINE_AA)
 
 
 def render_still(look: Look, e: Expression) -> tuple[np.ndarray, np.ndarray]:

@@ -98,7 +98,7 @@ def _tiny_whisper(folder, seed=0):
     vocab[WHISPER_SPECIALS[0]] = len(vocab)
     tok = WhisperTokenizer(vocab=vocab, merges=[])
     tok.add_special_tokens({"additional_special_tokens": WHISPER_SPECIALS[1:]})
-    ids = dict(zip(WHISPER_SPECIALS, tok.convert_tokens_to_ids(WHISPER_SPECIALS)))
+    ids = dict(zip(WHISPER_SPECIALS, tok.convert_tokens_to_ids(WHISPER_SPECIALS), strict=True))
     cfg = WhisperConfig(vocab_size=len(tok), d_model=32, encoder_layers=1, decoder_layers=1,
                         encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
                         decoder_ffn_dim=64, max_target_positions=24,

@@ -155,19 +155,27 @@ def test_speech_max_seconds_cuts_and_empty_is_a_clip_error(models):
 
 
 def test_vision_shapes_batching_and_frame_mean(models):
-    enc = load_encoder(EncoderConfig(family="vision", model=models["clip"], layers_frames=[-1], batch_size=2))
+    enc = load_encoder(EncoderConfig(family="vision", model=models["clip"], layers_frames=[-1, 0],
+                                     pooling="cls", batch_size=2))
     rng = np.random.default_rng(0)
     clips = [rng.integers(0, 256, (f, 40, 40, 3), dtype=np.uint8) for f in (3, 1, 4)]
     out = enc.encode(clips)
-    assert [c.frames.shape for c in out] == [(1, 3, 32), (1, 1, 32), (1, 4, 32)]
+    assert [c.frames.shape for c in out] == [(2, 3, 32), (2, 1, 32), (2, 4, 32)]
     assert all(c.pooled.shape == (3, 32) for c in out)
-    np.testing.assert_allclose(out[0].pooled[-1], out[0].frames[0].mean(0), atol=1e-5)
-    # Frames of a clip are its own CLS tokens: a clip's second frame alone gives that row.
-    single = enc.encode([clips[0][1:2]])[0]
-    np.testing.assert_allclose(single.frames[0, 0], out[0].frames[0, 1], atol=1e-4)
+    for clip in out:  # pooled = mean over the clip's frames, for every layer
+        np.testing.assert_allclose(clip.pooled[[-1, 0]], clip.frames.mean(axis=1), atol=1e-5)
+    # Each frame row is that image's CLS token, as the model gives it.
+    pixels = enc.processor(images=list(clips[0]), return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        states = enc.model(pixel_values=pixels, output_hidden_states=True).hidden_states
+    np.testing.assert_allclose(out[0].frames[0], states[-1][:, 0].numpy(), atol=1e-5)
     _same(out, _one_by_one(enc, clips))
+    mean = load_encoder(EncoderConfig(family="vision", model=models["clip"], pooling="mean")).encode(clips[:1])[0]
+    np.testing.assert_allclose(mean.frames[0], states[-1][:, 1:].mean(1).numpy(), atol=1e-5)
     with pytest.raises(ClipError):
         enc.encode([np.zeros((0, 40, 40, 3), np.uint8)])
+    with pytest.raises(ConfigError, match="no meaning for images"):
+        load_encoder(EncoderConfig(family="vision", model=models["clip"], pooling="last"))
 
 
 def test_vision_accepts_a_full_clip_model_folder(tmp_path):

@@ -40,7 +40,7 @@ class EncoderConfig:
     model: str  # local path, hub id, or pypkg:<pkg>/<sub> (see resolve_model_path)
     gguf_file: str = ""  # text family: load a GGUF through transformers gguf_file=
     layers_frames: list[int] = field(default_factory=lambda: [-1])  # negative = from the end
-    pooling: str = "mean"  # mean | cls | last (last valid token, for causal LMs)
+    pooling: str = "mean"  # mean | cls | last (last valid token, causal LMs); vision: cls | mean
     dtype: str = "float32"  # float32 | float16 | bfloat16
     device: str = "cpu"  # cpu | cuda | auto
     batch_size: int = 8
@@ -148,9 +148,15 @@ class Encoder(ABC):
     def _length(self, item: Any) -> int:
         return len(item)
 
-    def _collect(self, hidden_states: tuple[torch.Tensor, ...], mask: torch.Tensor) -> list[EncodedClip]:
-        """Per-clip results from per-layer states [B, T, D] and the validity mask [B, T]."""
-        pooled = torch.stack([pool(h, mask, self.pooling) for h in hidden_states], dim=1).cpu()
+    def _collect(
+        self, hidden_states: tuple[torch.Tensor, ...], mask: torch.Tensor, how: str | None = None
+    ) -> list[EncodedClip]:
+        """Per-clip results from per-layer states [B, T, D] and the validity mask [B, T].
+
+        `how` overrides the pooling along T (vision pools tokens per frame, then means frames).
+        """
+        how = how or self.pooling
+        pooled = torch.stack([pool(h, mask, how) for h in hidden_states], dim=1).cpu()
         lengths = mask.long().sum(dim=1).tolist()
         batch, _, dim = hidden_states[0].shape
         if self.layers:

@@ -1,9 +1,9 @@
 """Vision encoders: the CLIP vision tower on the face crops of a clip.
 
-Each frame is summarised per layer by its CLS token (the token CLIP builds its image embedding
-from), giving frames [L, F, D]; `pooling` then pools over the clip's frames (mean = average of
-frames, cls = first frame, last = last frame). A folder holding a full CLIPModel works too: only
-its vision tower is loaded.
+Each frame is summarised per layer by one vector, chosen by `pooling`: cls = the CLS token (the
+token CLIP builds its image embedding from; the usual choice), mean = the average of the patch
+tokens. That gives frames [L, F, D]; `pooled` is always the mean over the clip's frames.
+A folder holding a full CLIPModel works too: only its vision tower is loaded.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from features.encoders.base import (
     safetensors_kwargs,
 )
 from features.encoders.pooling import lengths_to_mask
-from features.errors import ClipError, ModelLoadError
+from features.errors import ClipError, ConfigError, ModelLoadError
 
 # Images per forward pass: bounds memory (all hidden states of a ViT-L are large), not results.
 IMAGES_PER_PASS = 64
@@ -30,6 +30,11 @@ IMAGES_PER_PASS = 64
 @register("vision")
 class VisionEncoder(Encoder):
     def _load(self) -> torch.nn.Module:
+        if self.pooling not in ("cls", "mean"):
+            raise ConfigError(
+                f"vision encoder: pooling {self.pooling!r} has no meaning for images; use cls "
+                f"(CLS token per frame) or mean (average of patch tokens per frame)."
+            )
         remote = {"trust_remote_code": self.cfg.trust_remote_code}
         try:
             self.processor = AutoImageProcessor.from_pretrained(self.path, **remote)
@@ -56,19 +61,21 @@ class VisionEncoder(Encoder):
 
     def _encode_batch(self, items: list) -> list[EncodedClip]:
         images = [frame for crops in items for frame in crops]
-        cls = torch.cat([self._cls_tokens(part) for part in chunks(images, IMAGES_PER_PASS)])
+        tokens = torch.cat([self._frame_vectors(part) for part in chunks(images, IMAGES_PER_PASS)])
         # Regroup [N, L, D] frames into clips [B, F_max, L, D], padded, with a frame mask.
         counts = [len(crops) for crops in items]
-        per_clip = torch.split(cls, counts)
+        per_clip = torch.split(tokens, counts)
         padded = torch.nn.utils.rnn.pad_sequence(list(per_clip), batch_first=True)
         mask = lengths_to_mask(torch.tensor(counts, device=self.device), padded.shape[1])
         layers = tuple(padded[:, :, layer] for layer in range(padded.shape[2]))
-        return self._collect(layers, mask)
+        return self._collect(layers, mask, how="mean")
 
-    def _cls_tokens(self, images: list[np.ndarray]) -> torch.Tensor:
+    def _frame_vectors(self, images: list[np.ndarray]) -> torch.Tensor:
+        """[N, L, D]: each image's CLS token or patch-token mean, per hidden state."""
         pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
         out = self.model(pixel_values=pixels.to(self.device, self.dtype), output_hidden_states=True)
-        return torch.stack([h[:, 0] for h in out.hidden_states], dim=1)
+        pick = (lambda h: h[:, 0]) if self.pooling == "cls" else (lambda h: h[:, 1:].mean(dim=1))
+        return torch.stack([pick(h) for h in out.hidden_states], dim=1)
 
 
 def check_crops(index: int, crops: np.ndarray) -> None:
