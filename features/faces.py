@@ -11,6 +11,7 @@ its centre crops (so the encoder still gets an input; the stage records the clip
 `detected`). A clip with no decodable frame raises ClipError(reason='unreadable'); with `skip`, a
 clip with no face at all raises ClipError(reason='no_face').
 """
+
 from __future__ import annotations
 
 import functools
@@ -77,7 +78,8 @@ def extract_faces(video_path: str | Path, clip_id: str, cfg: FacesConfig | None 
         detected.append(box is not None)
     if not crops:
         raise ClipError(
-            clip_id, "no_face",
+            clip_id,
+            "no_face",
             f"no face found in any sampled frame of {video_path} (fallback 'skip'); use "
             f"faces.fallback: center to keep centre crops, or lower faces.min_face.",
         )
@@ -88,24 +90,32 @@ def extract_faces(video_path: str | Path, clip_id: str, cfg: FacesConfig | None 
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_detector(name: str) -> cv2.CascadeClassifier:
     path = Path(cv2.data.haarcascades) / DETECTORS[name]
     detector = cv2.CascadeClassifier(str(path))
     if detector.empty():
-        raise ModelLoadError(f"face detector {name!r}: could not load {path}; reinstall opencv-python-headless.")
+        raise ModelLoadError(
+            f"face detector {name!r}: could not load {path}; reinstall opencv-python-headless."
+        )
     return detector
 
 
-def sample_frames(video_path: str | Path, clip_id: str, fps: float, max_frames: int) -> list[tuple[float, np.ndarray]]:
+def sample_frames(
+    video_path: str | Path, clip_id: str, fps: float, max_frames: int
+) -> list[tuple[float, np.ndarray]]:
     """(seconds, BGR frame) pairs; decodes sequentially, since seeking is unreliable across codecs."""
     cap = cv2.VideoCapture(str(video_path))
     try:
         if not cap.isOpened():
-            raise ClipError(clip_id, "unreadable", f"OpenCV cannot open {video_path}; check the file and its codec.")
+            raise ClipError(
+                clip_id, "unreadable", f"OpenCV cannot open {video_path}; check the file and its codec."
+            )
         video_fps = cap.get(cv2.CAP_PROP_FPS)
         video_fps = video_fps if 0 < video_fps < 1000 else ASSUMED_FPS
-        count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) or count_frames(video_path)
+        count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+        if count <= 0:  # some containers do not say (0, or -1 with some backends)
+            count = count_frames(video_path)
         wanted = set(sample_indices(count, video_fps, fps, max_frames))
         frames = []
         for index in range(max(wanted, default=-1) + 1):
@@ -142,7 +152,9 @@ def sample_indices(count: int, video_fps: float, fps: float, max_frames: int) ->
     return sorted(set(np.clip(np.round(times * video_fps), 0, count - 1).astype(int).tolist()))
 
 
-def largest_face(detector: cv2.CascadeClassifier, frame: np.ndarray, min_face: int) -> tuple[int, int, int, int] | None:
+def largest_face(
+    detector: cv2.CascadeClassifier, frame: np.ndarray, min_face: int
+) -> tuple[int, int, int, int] | None:
     """(x, y, w, h) of the largest detected face in frame pixels, or None."""
     scale = min(1.0, DETECT_MAX_SIDE / max(frame.shape[:2]))
     gray = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)

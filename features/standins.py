@@ -8,14 +8,15 @@ exist so the pipeline runs end to end without downloading real weights.
 
     python -m features.standins OUT_DIR [--seed N]
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from transformers import (
@@ -39,27 +40,45 @@ MARKER = "standin.json"
 def build_hubert(out: Path) -> None:
     """HuBERT-large layout (7 conv layers, stride 320, layer norm, stable layer norm), tiny widths."""
     config = HubertConfig(
-        hidden_size=96, num_hidden_layers=4, num_attention_heads=4, intermediate_size=192,
-        conv_dim=(64,) * 7, conv_kernel=(10, 3, 3, 3, 3, 2, 2), conv_stride=(5, 2, 2, 2, 2, 2, 2),
-        conv_bias=True, feat_extract_norm="layer", do_stable_layer_norm=True,
-        num_conv_pos_embeddings=128, num_conv_pos_embedding_groups=16,
+        hidden_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=192,
+        conv_dim=(64,) * 7,
+        conv_kernel=(10, 3, 3, 3, 3, 2, 2),
+        conv_stride=(5, 2, 2, 2, 2, 2, 2),
+        conv_bias=True,
+        feat_extract_norm="layer",
+        do_stable_layer_norm=True,
+        num_conv_pos_embeddings=128,
+        num_conv_pos_embedding_groups=16,
     )
     HubertModel(config).save_pretrained(out, safe_serialization=True)
     # hubert-large's extractor: per-clip normalisation, attention mask for padded batches.
     Wav2Vec2FeatureExtractor(
-        feature_size=1, sampling_rate=16_000, padding_value=0.0,
-        do_normalize=True, return_attention_mask=True,
+        feature_size=1,
+        sampling_rate=16_000,
+        padding_value=0.0,
+        do_normalize=True,
+        return_attention_mask=True,
     ).save_pretrained(out)
 
 
 def build_clip(out: Path) -> None:
     """CLIP ViT vision tower at 112 px (the face crop size), patch 16, tiny widths."""
     config = CLIPVisionConfig(
-        image_size=112, patch_size=16, hidden_size=96, intermediate_size=192,
-        num_hidden_layers=4, num_attention_heads=4, projection_dim=96,
+        image_size=112,
+        patch_size=16,
+        hidden_size=96,
+        intermediate_size=192,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        projection_dim=96,
     )
     CLIPVisionModel(config).save_pretrained(out, safe_serialization=True)
-    CLIPImageProcessor(size={"shortest_edge": 112}, crop_size={"height": 112, "width": 112}).save_pretrained(out)
+    CLIPImageProcessor(size={"shortest_edge": 112}, crop_size={"height": 112, "width": 112}).save_pretrained(
+        out
+    )
 
 
 STANDINS: dict[str, Callable[[Path], None]] = {"hubert-standin": build_hubert, "clip-standin": build_clip}

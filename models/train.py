@@ -1,9 +1,10 @@
 """Seeded stratified k-fold training of heads on cached pooled features, and model bundles.
 
 Inputs are plain arrays: ``features[name] -> float [N, D]`` (one pooled layer per encoder, see
-`select_layer`) and integer labels in ``CLASSES`` order. Every fold trains a fresh head for a fixed
-number of epochs (no early stopping: choosing epochs on the held-out fold would leak it), with
-standardisation fitted on the fold's train part only.
+`select_layer`) and integer labels in ``CLASSES`` order. Every fold gets a fresh head, trained for
+a fixed number of epochs (no early stopping: choosing epochs on the held-out fold would leak it)
+on its train part, standardised with statistics of that part only. The folds train side by side
+as the members of one stacked head, which is several times faster on CPU than one after another.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Callable, Iterator, Mapping
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from sklearn.model_selection import StratifiedKFold
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -71,7 +73,7 @@ def head_inputs(pooled: Arrays, cfg: HeadConfig) -> dict[str, np.ndarray]:
 
 @dataclass
 class FoldState:
-    """What one fold's model needs at inference: weights and the train-part scaler."""
+    """What one fold's model needs at inference: weights (members=1) and the train-part scaler."""
 
     state_dict: dict[str, Tensor]
     scaler: dict[str, dict[str, Tensor]]  # name -> {"mean": [D], "std": [D]}
@@ -87,37 +89,35 @@ class CVResult:
 
     @property
     def n_folds(self) -> int:
-        return len(self.history)
+        return len(self.fold_states)
 
 
 def cross_validate(features: Arrays, labels: np.ndarray, cfg: HeadConfig, train_cfg: TrainConfig,
                    test_features: Arrays | None = None,
                    on_epoch: EpochCallback | None = None) -> CVResult:
-    """Seeded stratified k-fold training of one head; bit-identical on reruns (CPU)."""
+    """Seeded stratified k-fold training of one head; bit-identical on reruns (CPU).
+
+    All folds train together as one head with a member per fold (see models.heads); each
+    member sees only its fold's train part, standardised with that part's statistics.
+    `on_epoch(fold, epoch, loss)` is called for every fold after each epoch (epochs outer).
+    """
     x = _as_inputs(features, cfg, "features")
-    y = _as_labels(labels, len(next(iter(x.values()))))
+    y = _as_labels(labels, _rows(x))
     x_test = _as_inputs(test_features, cfg, "test_features", _dims(x)) if test_features else None
     device = torch.device(train_cfg.device)
-    oof = np.zeros((len(y), len(CLASSES)), dtype=np.float32)
-    fold_of = np.full(len(y), -1, dtype=np.int64)
-    test_sum = np.zeros((len(next(iter(x_test.values()))), len(CLASSES))) if x_test else None
-    history, states = [], []
-    with _deterministic(train_cfg.threads, device):
-        splits = fold_splits(y, train_cfg.folds, train_cfg.seed)
-        bar = tqdm(splits, desc=f"cv {cfg.type}[{'+'.join(cfg.features)}]", unit="fold")
-        for fold, (tr, va) in enumerate(bar):
-            seeds = fold_seeds(train_cfg.seed, fold)
-            state, losses = _train_fold(x, y, tr, cfg, device, seeds, fold, on_epoch)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}" if losses else "-")
-            model = _model_from_state(cfg, _dims(x), state, device)
-            oof[va] = _predict(model, state.scaler, {n: a[va] for n, a in x.items()}, device)
-            fold_of[va] = fold
-            if x_test is not None:
-                test_sum += _predict(model, state.scaler, x_test, device)
-            history.append(losses)
-            states.append(state)
-    test = (test_sum / len(states)).astype(np.float32) if test_sum is not None else None
-    return CVResult(oof, fold_of, test, history, states)
+    splits = fold_splits(y, train_cfg.folds, train_cfg.seed)
+    parts = [train for train, _ in splits]
+    scaler = _stack_scalers([fit_scaler({n: a[tr] for n, a in x.items()}) for tr in parts])
+    with _deterministic(train_cfg.threads, device), _own_rng(device):
+        torch.manual_seed(train_cfg.seed)  # weights and dropout masks
+        model = build_head(cfg, _dims(x), members=len(parts)).to(device)
+        history = _fit(model, x, y, parts, scaler, cfg, device, train_cfg.seed, on_epoch)
+        fold_of = np.empty(len(y), dtype=np.int64)
+        for fold, (_, held) in enumerate(splits):
+            fold_of[held] = fold
+        oof = _stacked_probs(model, scaler, x, device)[fold_of, np.arange(len(y))]
+        test = _stacked_probs(model, scaler, x_test, device).mean(axis=0) if x_test else None
+    return CVResult(oof, fold_of, test, history, _unstack(model, scaler))
 
 
 def fold_splits(labels: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -138,51 +138,67 @@ def fold_splits(labels: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndar
     return list(skf.split(np.zeros(len(labels)), labels))
 
 
-def fold_seeds(seed: int, fold: int) -> tuple[int, int]:
-    """Independent (weights+dropout, batch order) seeds per fold: a fold never depends on others."""
-    init, order = np.random.SeedSequence([seed, fold]).generate_state(2)
-    return int(init), int(order)
-
-
-def _train_fold(x: dict[str, np.ndarray], y: np.ndarray, train_idx: np.ndarray, cfg: HeadConfig,
-                device: torch.device, seeds: tuple[int, int], fold: int,
-                on_epoch: EpochCallback | None) -> tuple[FoldState, list[float]]:
-    scaler = fit_scaler({n: a[train_idx] for n, a in x.items()})
-    xs = {n: torch.from_numpy(standardise(a[train_idx], scaler[n])).to(device) for n, a in x.items()}
-    ys = torch.from_numpy(y[train_idx]).to(device)
-    with _own_rng(device):
-        torch.manual_seed(seeds[0])  # weights and dropout masks
-        model = build_head(cfg, _dims(x)).to(device)
-        losses = _fit(model, xs, ys, cfg, seeds[1], fold, on_epoch)
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    return FoldState(state, scaler), losses
-
-
-def _fit(model: nn.Module, xs: dict[str, Tensor], ys: Tensor, cfg: HeadConfig, seed: int,
-         fold: int, on_epoch: EpochCallback | None) -> list[float]:
-    """Fixed-epoch minibatch Adam on tensors already in memory (no DataLoader)."""
-    weight = class_weights(ys.cpu().numpy()).to(ys.device) if cfg.class_weight else None
-    loss_fn = nn.CrossEntropyLoss(weight=weight)
+def _fit(model: nn.Module, x: dict[str, np.ndarray], y: np.ndarray, parts: list[np.ndarray],
+         scaler: Scaler, cfg: HeadConfig, device: torch.device, seed: int,
+         on_epoch: EpochCallback | None) -> list[list[float]]:
+    """Fixed-epoch minibatch Adam over tensors held in memory (no DataLoader), all folds at once."""
+    xs = {n: torch.from_numpy(a).to(device) for n, a in x.items()}  # raw; standardised per batch
+    norm = {n: _affine(s, device) for n, s in scaler.items()}
+    ys = torch.from_numpy(y).to(device)
+    weight = torch.stack([class_weights(y[tr]) if cfg.class_weight else torch.ones(len(CLASSES))
+                          for tr in parts]).to(device)
     # fused: one kernel for all parameters instead of ~8 small ops per tensor per step
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                            fused=True)
     order = torch.Generator().manual_seed(seed)
-    n, losses = len(ys), []
+    n = max(len(tr) for tr in parts)
+    history: list[list[float]] = [[] for _ in parts]
     model.train()
-    for epoch in range(cfg.epochs):
-        perm = torch.randperm(n, generator=order).to(ys.device)
-        total = torch.zeros((), device=ys.device)
+    bar = tqdm(range(cfg.epochs), desc=f"cv {cfg.type}[{'+'.join(cfg.features)}] "
+                                       f"{len(parts)} folds", unit="epoch")
+    for epoch in bar:
+        idx = _epoch_order(parts, n, order).to(device)
+        total = torch.zeros(len(parts), device=device)
         for start in range(0, n, cfg.batch_size):
-            idx = perm[start:start + cfg.batch_size]
-            loss = loss_fn(model({k: v[idx] for k, v in xs.items()}), ys[idx])
+            batch = idx[:, start:start + cfg.batch_size]
+            loss = _batch_loss(model, xs, norm, ys, weight, batch)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.sum().backward()  # members share no weights: each gets its own fold's gradient
             opt.step()
-            total += loss.detach() * len(idx)
-        losses.append(float(total) / n)  # one host sync per epoch
-        if on_epoch is not None:
-            on_epoch(fold, epoch, losses[-1])
-    return losses
+            total += loss.detach() * batch.shape[1]
+        losses = (total / n).tolist()  # one host sync per epoch
+        bar.set_postfix(loss=f"{np.mean(losses):.4f}")
+        for fold, loss_value in enumerate(losses):
+            history[fold].append(loss_value)
+            if on_epoch is not None:
+                on_epoch(fold, epoch, loss_value)
+    return history
+
+
+def _epoch_order(parts: list[np.ndarray], n: int, gen: torch.Generator) -> Tensor:
+    """[K, n] clip indices: each fold's train part shuffled, smaller parts topped up to n.
+
+    Stratified train parts differ by a few clips; a smaller one repeats that many randomly
+    drawn clips so that all folds take the same steps.
+    """
+    rows = []
+    for tr in parts:
+        tr = torch.from_numpy(tr)
+        extra = torch.randperm(len(tr), generator=gen)[: n - len(tr)]
+        rows.append(tr[torch.cat([torch.randperm(len(tr), generator=gen), extra])])
+    return torch.stack(rows)
+
+
+def _batch_loss(model: nn.Module, xs: dict[str, Tensor], norm: dict[str, tuple[Tensor, Tensor]],
+                ys: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
+    """Per-fold class-weighted mean cross entropy [K] of one minibatch idx [K, B]."""
+    flat = idx.reshape(-1)
+    feats = {n: _standardise(a[flat].view(*idx.shape, -1), norm[n]) for n, a in xs.items()}
+    logits = model(feats)  # [K, B, C]
+    target = ys[idx]
+    nll = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # [K, B]
+    w = weight.gather(1, target)
+    return (w * nll).sum(dim=1) / w.sum(dim=1)  # = CrossEntropyLoss(weight=...) per fold
 
 
 def class_weights(y: np.ndarray) -> Tensor:
@@ -194,7 +210,10 @@ def class_weights(y: np.ndarray) -> Tensor:
     return torch.tensor(w, dtype=torch.float32)
 
 
-def fit_scaler(x: Arrays) -> dict[str, dict[str, Tensor]]:
+Scaler = dict[str, dict[str, Tensor]]  # name -> {"mean": [..., D], "std": [..., D]}
+
+
+def fit_scaler(x: Arrays) -> Scaler:
     """Per-feature mean and std of each modality (float64 sums, float32 stored)."""
     scaler = {}
     for name, a in x.items():
@@ -206,29 +225,49 @@ def fit_scaler(x: Arrays) -> dict[str, dict[str, Tensor]]:
     return scaler
 
 
-def standardise(a: np.ndarray, scale: Mapping[str, Tensor]) -> np.ndarray:
-    return ((a - scale["mean"].numpy()) / scale["std"].numpy()).astype(np.float32)
+def _stack_scalers(scalers: list[Scaler]) -> Scaler:
+    return {n: {k: torch.stack([s[n][k] for s in scalers]) for k in ("mean", "std")}
+            for n in scalers[0]}
+
+
+def _affine(scale: Mapping[str, Tensor], device: torch.device) -> tuple[Tensor, Tensor]:
+    """(shift, factor) [K, 1, D] with (x - mean) / std == shift + x * factor."""
+    factor = 1.0 / scale["std"]
+    return (-scale["mean"] * factor).unsqueeze(1).to(device), factor.unsqueeze(1).to(device)
+
+
+def _standardise(x: Tensor, affine: tuple[Tensor, Tensor]) -> Tensor:
+    """x [K, B, D] (or [B, D], shared by all folds) -> [K, B, D], one fused op."""
+    return torch.addcmul(affine[0], x, affine[1])
 
 
 @torch.inference_mode()
-def _predict(model: nn.Module, scaler: Mapping[str, Mapping[str, Tensor]], x: Arrays,
-             device: torch.device, chunk: int = 8192) -> np.ndarray:
+def _stacked_probs(model: nn.Module, scaler: Scaler, x: Arrays, device: torch.device,
+                   chunk: int = 1024) -> np.ndarray:
+    """[K, N, C] probabilities of every fold member for every row of x."""
     model.eval()
-    n = len(next(iter(x.values())))
-    out = []
-    for s in range(0, n, chunk):
-        batch = {k: torch.from_numpy(standardise(a[s:s + chunk], scaler[k])).to(device)
-                 for k, a in x.items()}
-        out.append(torch.softmax(model(batch).float(), dim=1).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, len(CLASSES)), dtype=np.float32)
+    norm = {n: _affine(s, device) for n, s in scaler.items()}
+    n_rows, out = _rows(x), []
+    for s in range(0, n_rows, chunk):
+        feats = {n: _standardise(torch.from_numpy(a[s:s + chunk]).to(device), norm[n])
+                 for n, a in x.items()}
+        out.append(torch.softmax(model(feats).float(), dim=-1).cpu().numpy())
+    k = next(iter(scaler.values()))["mean"].shape[0]
+    return np.concatenate(out, axis=1) if out else np.zeros((k, 0, len(CLASSES)), np.float32)
 
 
-def _model_from_state(cfg: HeadConfig, dims: Mapping[str, int], state: FoldState,
-                      device: torch.device) -> nn.Module:
-    with _own_rng(torch.device("cpu")):  # the throwaway init must not move the caller's RNG
-        model = build_head(cfg, dims)
-    model.load_state_dict(state.state_dict)
-    return model.to(device).eval()
+def _unstack(model: nn.Module, scaler: Scaler) -> list[FoldState]:
+    """One members=1 state dict and scaler per fold (every state tensor leads with the fold)."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    k = next(iter(scaler.values()))["mean"].shape[0]
+    return [FoldState({n: t[f:f + 1].clone() for n, t in state.items()},
+                      {n: {s: v[f].clone() for s, v in sc.items()} for n, sc in scaler.items()})
+            for f in range(k)]
+
+
+def _stack_folds(folds: list[FoldState]) -> tuple[dict[str, Tensor], Scaler]:
+    state = {n: torch.cat([f.state_dict[n] for f in folds]) for n in folds[0].state_dict}
+    return state, _stack_scalers([f.scaler for f in folds])
 
 
 def _own_rng(device: torch.device) -> contextlib.AbstractContextManager:
@@ -247,7 +286,7 @@ def _deterministic(threads: int, device: torch.device) -> Iterator[None]:
            torch.is_deterministic_algorithms_warn_only_enabled(), torch.get_num_threads(),
            fill.fill_uninitialized_memory)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    fill.fill_uninitialized_memory = False  # a NaN fill of every new tensor, ~2x slower steps
+    fill.fill_uninitialized_memory = False  # a NaN fill of every new tensor costs time, no safety
     if threads:
         torch.set_num_threads(threads)
     try:
@@ -295,6 +334,10 @@ def _dims(x: Arrays) -> dict[str, int]:
     return {n: int(a.shape[1]) for n, a in x.items()}
 
 
+def _rows(x: Arrays) -> int:
+    return len(next(iter(x.values())))
+
+
 # --------------------------------------------------------------------------- model bundles
 
 
@@ -321,15 +364,22 @@ class Predictor:
 
     def __init__(self, cfg: HeadConfig, feature_dims: Mapping[str, int],
                  folds: list[FoldState], device: str = "cpu"):
-        self.cfg, self.feature_dims, self.folds = cfg, dict(feature_dims), folds
+        self.cfg, self.feature_dims = cfg, {n: int(feature_dims[n]) for n in cfg.features}
         self.device = torch.device(device)
-        self.models = [_model_from_state(cfg, self.feature_dims, f, self.device) for f in folds]
+        state, self.scaler = _stack_folds(folds)
+        with _own_rng(torch.device("cpu")):  # the throwaway init must not move the caller's RNG
+            self.model = build_head(cfg, self.feature_dims, members=len(folds))
+        self.model.load_state_dict(state)
+        self.model.to(self.device).eval()
+
+    @property
+    def n_folds(self) -> int:
+        return int(next(iter(self.scaler.values()))["mean"].shape[0])
 
     def predict_proba(self, features: Arrays) -> np.ndarray:
         """[M, C] class probabilities in CLASSES order, mean over the fold models."""
         x = _as_inputs(features, self.cfg, "features", self.feature_dims)
-        probs = [_predict(m, f.scaler, x, self.device) for m, f in zip(self.models, self.folds)]
-        return np.mean(probs, axis=0, dtype=np.float64).astype(np.float32)
+        return _stacked_probs(self.model, self.scaler, x, self.device).mean(axis=0)
 
 
 def load_bundle(path: str | Path, device: str = "cpu") -> Predictor:

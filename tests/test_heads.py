@@ -4,7 +4,7 @@ import torch
 
 from features.errors import ConfigError
 from models.config import CLASSES, HEAD_TYPES, HeadConfig, train_config
-from models.heads import HEADS, AttentionHead, build_head
+from models.heads import HEADS, AttentionHead, Dropout, Linear, build_head
 
 DIMS = {"hubert": 12, "clip": 7, "minilm": 5}
 
@@ -27,9 +27,37 @@ def test_forward_shape(head_type, features):
 
 def test_linear_probe_has_one_layer():
     model = build_head(HeadConfig(type="probe", features=["hubert", "clip"], hidden=0), DIMS)
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    assert [(m.in_features, m.out_features) for m in linears] == [(19, len(CLASSES))]
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert [tuple(m.weight.shape) for m in linears] == [(1, 19, len(CLASSES))]
     assert model(_batch()).shape == (4, len(CLASSES))
+
+
+@pytest.mark.parametrize("head_type", sorted(HEADS))
+def test_members_are_independent_copies(head_type):
+    """A members=3 head equals three members=1 heads loaded with its slices."""
+    cfg = HeadConfig(type=head_type, features=list(DIMS), hidden=8)
+    stacked = build_head(cfg, DIMS, members=3).eval()
+    x = {k: torch.randn(3, 5, d) for k, d in DIMS.items()}
+    out = stacked(x)
+    assert out.shape == (3, 5, len(CLASSES))
+    for m in range(3):
+        single = build_head(cfg, DIMS).eval()
+        single.load_state_dict({k: v[m:m + 1] for k, v in stacked.state_dict().items()})
+        torch.testing.assert_close(single({k: v[m] for k, v in x.items()}), out[m])
+
+
+def test_dropout_keeps_expectation_and_is_identity_in_eval():
+    drop = Dropout(0.3)
+    x = torch.ones(200, 1000)
+    y = drop(x)
+    kept = (y != 0).float().mean().item()
+    assert abs(kept - 0.7) < 0.005
+    assert abs(y.mean().item() - 1.0) < 0.01
+    assert torch.equal(drop.eval()(x), x)
+    torch.manual_seed(3)
+    a = Dropout(0.3)(x)
+    torch.manual_seed(3)
+    assert torch.equal(Dropout(0.3)(x), a)  # seeded by torch's global generator
 
 
 def test_attention_weights_are_a_distribution_over_modalities():

@@ -1,4 +1,5 @@
 """Random-weight stand-ins: built once, reused, and loaded through load_encoder like real folders."""
+
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

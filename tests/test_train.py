@@ -112,8 +112,8 @@ def test_history_and_epoch_callback():
     cfg = HeadConfig(type="probe", features=["hubert"], **{**FAST, "epochs": 3})
     res = cross_validate(feats, y, cfg, TrainConfig(folds=3, threads=1),
                          on_epoch=lambda f, e, loss: calls.append((f, e, loss)))
-    assert [(f, e) for f, e, _ in calls] == [(f, e) for f in range(3) for e in range(3)]
-    assert [loss for _, _, loss in calls] == [x for h in res.history for x in h]
+    assert [(f, e) for f, e, _ in calls] == [(f, e) for e in range(3) for f in range(3)]
+    assert [loss for _, _, loss in calls] == [res.history[f][e] for e in range(3) for f in range(3)]
     assert all(h[-1] < h[0] for h in res.history)
 
 

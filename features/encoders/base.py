@@ -4,14 +4,16 @@ An encoder turns a list of clips into per-layer vectors: `pooled` [L, D] (every 
 pooled over the clip's valid positions) and `frames` [K, T, D] (the frame-level states of the
 K layers named in `layers_frames`). Families register under their name; `load_encoder` picks one.
 """
+
 from __future__ import annotations
 
 import contextlib
 import hashlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -55,10 +57,10 @@ class EncodedClip:
     frames: np.ndarray  # float32 [K, T, D]: the layers_frames states at valid positions
 
 
-FAMILIES: dict[str, type["Encoder"]] = {}
+FAMILIES: dict[str, type[Encoder]] = {}
 
 
-def register(family: str) -> Callable[[type["Encoder"]], type["Encoder"]]:
+def register(family: str) -> Callable[[type[Encoder]], type[Encoder]]:
     def add(cls: type[Encoder]) -> type[Encoder]:
         cls.family = family
         FAMILIES[family] = cls

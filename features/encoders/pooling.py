@@ -4,6 +4,7 @@ Every family reduces a `[B, T, D]` tensor along T with a `[B, T]` validity mask,
 never leaks into a clip's vector. Positions must be right-padded (valid ones first), which every
 encoder here guarantees.
 """
+
 from __future__ import annotations
 
 import torch

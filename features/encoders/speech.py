@@ -8,6 +8,7 @@ normalise over time, padding included, so they are batched only with clips of id
 Clips longer than `max_seconds` keep their first `max_seconds`; clips shorter than the conv
 front end's receptive field (25 ms for the standard layout) are zero-padded up to it.
 """
+
 from __future__ import annotations
 
 from itertools import groupby
@@ -49,8 +50,12 @@ class SpeechEncoder(Encoder):
                 f"{SAMPLE_RATE} Hz. Use a 16 kHz model."
             )
         model = load_checked(
-            AutoModel, self.path, "speech encoder",
-            **dtype_kwargs(self.dtype), **safetensors_kwargs(self.path), **remote,
+            AutoModel,
+            self.path,
+            "speech encoder",
+            **dtype_kwargs(self.dtype),
+            **safetensors_kwargs(self.path),
+            **remote,
         )
         if not hasattr(model, "_get_feat_extract_output_lengths"):
             raise ModelLoadError(
@@ -82,7 +87,8 @@ class SpeechEncoder(Encoder):
         for index, wave in enumerate(items):
             if np.asarray(wave).size == 0:
                 raise ClipError(
-                    f"item {index}", "zero_length",
+                    f"item {index}",
+                    "zero_length",
                     "empty waveform given to the speech encoder; the audio stage should drop it.",
                 )
         return super().encode(items)
@@ -90,8 +96,11 @@ class SpeechEncoder(Encoder):
     def _encode_batch(self, items: list) -> list[EncodedClip]:
         waves = [self._prepare(w) for w in items]
         feats = self.extractor(
-            waves, sampling_rate=SAMPLE_RATE, padding=True,
-            return_attention_mask=self.padded_batches, return_tensors="pt",
+            waves,
+            sampling_rate=SAMPLE_RATE,
+            padding=True,
+            return_attention_mask=self.padded_batches,
+            return_tensors="pt",
         )
         values = feats["input_values"].to(self.device, self.dtype)
         extra = {}

@@ -7,6 +7,7 @@ with an attention mask, so a batch gives the same numbers as one text at a time;
 the model's maximum length. An empty text becomes a single pad (or eos) token so every clip gets
 a vector.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -82,9 +83,9 @@ class TextEncoder(Encoder):
         return len(item)
 
     def _encode_batch(self, items: list) -> list[EncodedClip]:
-        ids = self.tokenizer(
-            [str(text) for text in items], truncation=True, max_length=self.max_tokens
-        )["input_ids"]
+        ids = self.tokenizer([str(text) for text in items], truncation=True, max_length=self.max_tokens)[
+            "input_ids"
+        ]
         ids = [row or [self.fill_id] for row in ids]
         width = max(len(row) for row in ids)
         input_ids = torch.full((len(ids), width), self.fill_id, dtype=torch.long)

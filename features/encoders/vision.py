@@ -5,6 +5,7 @@ token CLIP builds its image embedding from; the usual choice), mean = the averag
 tokens. That gives frames [L, F, D]; `pooled` is always the mean over the clip's frames.
 A folder holding a full CLIPModel works too: only its vision tower is loaded.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -44,8 +45,12 @@ class VisionEncoder(Encoder):
                 f"preprocessor_config.json next to the weights."
             ) from err
         return load_checked(
-            CLIPVisionModel, self.path, "vision encoder",
-            **dtype_kwargs(self.dtype), **safetensors_kwargs(self.path), **remote,
+            CLIPVisionModel,
+            self.path,
+            "vision encoder",
+            **dtype_kwargs(self.dtype),
+            **safetensors_kwargs(self.path),
+            **remote,
         )
 
     def _extra_fingerprint(self) -> dict:
@@ -82,7 +87,8 @@ def check_crops(index: int, crops: np.ndarray) -> None:
     shape = getattr(crops, "shape", ())
     if len(shape) != 4 or shape[-1] != 3 or shape[0] == 0 or crops.dtype != np.uint8:
         raise ClipError(
-            f"item {index}", "no_face",
+            f"item {index}",
+            "no_face",
             f"vision encoder needs uint8 RGB crops [F>=1, H, W, 3]; got shape {shape} "
             f"dtype {getattr(crops, 'dtype', type(crops).__name__)}. Use features.faces.extract_faces.",
         )
