@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 import traceback
 from typing import Callable, Iterable, TypeVar
@@ -15,17 +16,23 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+# Seconds between resume points: a killed stage loses at most this much finished work.
+CHECKPOINT_S = float(os.environ.get("MER_CHECKPOINT_S", "20"))
+
+
 def for_each_clip(items: Iterable[tuple[str, T]], work: Callable[[str, T], None],
-                  failures: FailureReport, desc: str, total: int | None = None) -> int:
+                  failures: FailureReport, desc: str, total: int | None = None,
+                  checkpoint: Callable[[], None] | None = None) -> int:
     """Call ``work(clip_id, item)`` for every item; one bad clip is recorded, never fatal.
 
     A ClipError is an expected data problem (its reason is recorded). Any other exception is
     recorded as ``error`` with its type, and its traceback logged, so a bug shows up in the report
     instead of stopping a run of thousands. If every clip fails, the stage fails: that is a
-    configuration problem, not a bad clip. Returns the number of clips done.
+    configuration problem, not a bad clip. `checkpoint` (persist finished work) is called every
+    CHECKPOINT_S seconds. Returns the number of clips done.
     """
     done = seen = 0
-    start = time.perf_counter()
+    start = last_checkpoint = time.perf_counter()
     for clip_id, item in tqdm(items, desc=desc, unit="clip", total=total):
         seen += 1
         try:
@@ -38,6 +45,9 @@ def for_each_clip(items: Iterable[tuple[str, T]], work: Callable[[str, T], None]
         except Exception as err:  # noqa: BLE001 - isolate one clip's unexpected failure
             log.debug("clip %s failed:\n%s", clip_id, traceback.format_exc())
             failures.add(clip_id, "error", f"{type(err).__name__}: {err}")
+        if checkpoint is not None and time.perf_counter() - last_checkpoint >= CHECKPOINT_S:
+            checkpoint()
+            last_checkpoint = time.perf_counter()
     elapsed = time.perf_counter() - start
     print(f"[{desc}] {done}/{seen} clips done, {seen - done} failed, "
           f"{elapsed:.1f} s ({done / max(elapsed, 1e-9):.1f} clips/s)")

@@ -17,67 +17,81 @@ from features.encoders import EncoderConfig, load_encoder
 from features.errors import ClipError, ConfigError
 from features.extract import read_transcripts
 from features.reports import FailureReport
-from features.store import StoreReader, StoreWriter
+from features.store import StoreReader, StoreUpdate, clip_key
 
 INPUT_KIND = {"speech": "audio", "vision": "faces"}
 
 
 def store_dtype(cfg: EncoderConfig) -> np.dtype:
-    # Half precision halves the store at no cost to probes; fp32 only when asked for.
-    return np.dtype(np.float32 if cfg.dtype == "float32" else np.float16)
+    # Half precision halves the store at no measurable cost to probes; fp32 when asked for.
+    if cfg.store_dtype not in ("float16", "float32"):
+        raise ConfigError(f"store_dtype {cfg.store_dtype!r}: use float16 or float32.")
+    return np.dtype(cfg.store_dtype)
 
 
-def iter_inputs(cfg: EncoderConfig, path: str | os.PathLike) -> tuple[int, Iterator]:
-    """(count, iterator of (clip_id, item)) for the encoder's family."""
-    if cfg.family == "text":
-        texts = read_transcripts(path)
-        return len(texts), iter(sorted(texts.items()))
-    if cfg.family not in INPUT_KIND:
-        raise ConfigError(f"encoder family {cfg.family!r} has no input reader; "
-                          f"known: {sorted([*INPUT_KIND, 'text'])}.")
-    reader = StoreReader(path, kind=INPUT_KIND[cfg.family])
+class Inputs:
+    """The encoder's input clips: ids, upstream cache keys, and a loader for one item."""
 
-    def items():
-        with reader:
-            for cid in reader.ids:
-                yield cid, reader.get(cid)
-    return len(reader), items()
+    def __init__(self, cfg: EncoderConfig, path: str | os.PathLike):
+        self._reader = None
+        if cfg.family == "text":
+            texts = read_transcripts(path)
+            self.keys = {cid: t["key"] for cid, t in texts.items()}
+            self.load = lambda cid: texts[cid]["text"]
+        elif cfg.family in INPUT_KIND:
+            self._reader = StoreReader(path, kind=INPUT_KIND[cfg.family])
+            self.keys = dict(self._reader.keys)
+            self.load = self._reader.get
+        else:
+            raise ConfigError(f"encoder family {cfg.family!r} has no input reader; "
+                              f"known: {sorted([*INPUT_KIND, 'text'])}.")
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
 
 
-def batched(items: Iterator, size: int) -> Iterator[list]:
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+def batched(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), max(size, 1)):
+        yield items[i:i + size]
 
 
 def embed_store(name: str, cfg: EncoderConfig, input_path: str | os.PathLike,
                 out_path: str | os.PathLike) -> Path:
-    """Encode every clip of `input_path` with encoder `name`; write ``out_path`` and failures.json."""
+    """Encode the clips of `input_path` that have no cached result; write the store at `out_path`.
+
+    A clip's cache key is its upstream key plus the encoder's fingerprint (model, weights hash,
+    layers, pooling, dtype, code version), so any change to those recomputes every clip and
+    nothing else ever does. Finished batches are persisted at once (the resume point).
+    """
     encoder = load_encoder(cfg)
-    total, items = iter_inputs(cfg, input_path)
+    inputs = Inputs(cfg, input_path)
     out_path = Path(out_path)
     failures = FailureReport(f"embed@{name}")
     dtype = store_dtype(cfg)
-    meta = {"encoder": name, "fingerprint": encoder.fingerprint(), "layers_frames": cfg.layers_frames,
+    fp = encoder.fingerprint()
+    meta = {"encoder": name, "fingerprint": fp, "layers_frames": cfg.layers_frames,
             "num_layers": encoder.num_layers, "hidden_size": encoder.hidden_size,
             "store_dtype": dtype.name}
-    with StoreWriter(out_path, "embedding", meta=meta) as writer:
-        def work(_, batch):
-            for cid, enc in zip([c for c, _ in batch], _encode_isolated(encoder, batch)):
-                if isinstance(enc, ClipError):
-                    failures.add_error(enc)
-                    continue
-                writer.add(cid, enc.frames.astype(dtype), pooled=enc.pooled.astype(dtype),
+    wanted = {cid: clip_key("embed", key, fp, dtype.name) for cid, key in inputs.keys.items()}
+    try:
+        with StoreUpdate(out_path, "embedding", meta, wanted) as up:
+            print(f"[embed {name}] {len(wanted)} clips: {up.reused} cached, {len(up.todo)} to encode")
+
+            def work(_, ids):
+                batch = [(cid, inputs.load(cid)) for cid in ids]
+                for cid, enc in zip(ids, _encode_isolated(encoder, batch)):
+                    if isinstance(enc, ClipError):
+                        failures.add_error(enc)
+                        continue
+                    up.add(cid, enc.frames.astype(dtype), pooled=enc.pooled.astype(dtype),
                            attrs={"layers": np.asarray(cfg.layers_frames, dtype=np.int64)})
-        batches = ((f"batch{i}", b) for i, b in enumerate(batched(items, cfg.batch_size)))
-        for_each_clip(batches, work, failures, f"embed[{name}]",
-                      total=-(-total // max(cfg.batch_size, 1)))
-    failures.write(out_path.with_name(out_path.stem + ".failures.json"))
+                up.checkpoint()  # a killed run loses at most the batch in flight
+            batches = [(f"batch{i}", ids) for i, ids in enumerate(batched(up.todo, cfg.batch_size))]
+            for_each_clip(batches, work, failures, f"embed[{name}] batches", total=len(batches))
+    finally:
+        inputs.close()
+    failures.write(out_path.parent / f"{out_path.name}.failures.json")
     return out_path
 
 
@@ -85,9 +99,7 @@ def _encode_isolated(encoder, batch: list) -> list:
     """Encode a batch; if it fails, retry clip by clip so one bad clip fails alone."""
     try:
         return encoder.encode([item for _, item in batch])
-    except Exception:  # noqa: BLE001 - find the culprit below
+    except Exception as err:  # noqa: BLE001 - find the culprit below
         if len(batch) == 1:
-            cid = batch[0][0]
-            import traceback
-            return [ClipError(cid, "encode_failed", traceback.format_exc(limit=1).strip())]
+            return [ClipError(batch[0][0], "encode_failed", f"{type(err).__name__}: {err}")]
         return [_encode_isolated(encoder, [b])[0] for b in batch]

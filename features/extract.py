@@ -1,7 +1,8 @@
 """Stage functions for the media stages: audio, denoise, asr and faces.
 
-Each reads the manifest or an upstream store, runs one component per clip through
-`for_each_clip`, and writes one store (or JSON) plus ``failures.json`` into its output folder.
+Each reads the manifest or an upstream store, works out every clip's cache key (its content hash or
+upstream key, plus this stage's fingerprint), computes only clips whose key has no stored result,
+and writes its store (or JSON) plus ``failures.json`` into its output folder.
 """
 from __future__ import annotations
 
@@ -13,16 +14,17 @@ import numpy as np
 
 from features.asr import AsrConfig, load_transcripts_csv, make_transcriber
 from features.clips import for_each_clip
-from features.config import as_dict
+from features.config import as_dict, resolve_model_path
 from features.denoise import DenoiseConfig, make_denoiser
 from features.faces import FacesConfig, extract_faces
 from features.manifest import read_manifest
-from features.media import load_audio
-from features.reports import FailureReport, write_json_atomic
-from features.store import StoreReader, StoreWriter
+from features.media import load_audio, sha256_file
+from features.reports import FailureReport, read_json, write_json_atomic
+from features.store import StoreReader, StoreUpdate, clip_key
 
-AUDIO_FILE, DENOISED_FILE, FACES_FILE, TRANSCRIPTS_FILE = (
-    "audio.h5", "denoised.h5", "faces.h5", "transcripts.json")
+AUDIO_DIR, DENOISED_DIR, FACES_DIR, TRANSCRIPTS_FILE = "audio", "denoised", "faces", "transcripts.json"
+# Bump when a change in this file alters what a stage stores for the same inputs.
+CODE_VERSION = "extract-1"
 
 
 @dataclass
@@ -31,22 +33,26 @@ class AudioConfig:
     sample_rate: int = 16000  # Hz; every speech encoder here expects 16 kHz mono
 
 
+def _update(out: Path, kind: str, meta: dict, wanted: dict[str, str], desc: str) -> StoreUpdate:
+    up = StoreUpdate(out, kind, meta, wanted)
+    print(f"[{desc}] {len(wanted)} clips: {up.reused} cached, {len(up.todo)} to compute")
+    return up
+
+
 def extract_audio(manifest: str | os.PathLike, cfg: AudioConfig, out_dir: str | os.PathLike) -> Path:
-    """Decode every clip's audio to mono PCM at cfg.sample_rate into one HDF5 store."""
-    clips = read_manifest(manifest)
+    """Decode every clip's audio to mono PCM at cfg.sample_rate into one store."""
+    clips = {c.clip_id: c for c in read_manifest(manifest)}
     out, failures = Path(out_dir), FailureReport("audio")
-    with StoreWriter(out / AUDIO_FILE, "audio", meta=as_dict(cfg)) as writer:
+    fp = {**as_dict(cfg), "code": CODE_VERSION}
+    wanted = {cid: clip_key("audio", c.sha256, fp) for cid, c in clips.items()}
+    with _update(out / AUDIO_DIR, "audio", fp, wanted, "audio") as up:
         def work(clip_id, clip):
             wav = load_audio(clip.path, clip_id, sr=cfg.sample_rate)
-            writer.add(clip_id, wav.astype(np.float32), attrs={"sample_rate": cfg.sample_rate})
-        for_each_clip(((c.clip_id, c) for c in clips), work, failures, "audio", total=len(clips))
+            up.add(clip_id, wav.astype(np.float32), attrs={"sample_rate": cfg.sample_rate})
+        for_each_clip(((cid, clips[cid]) for cid in up.todo), work, failures, "audio",
+                      total=len(up.todo), checkpoint=up.checkpoint)
     failures.write(out / "failures.json")
-    return out / AUDIO_FILE
-
-
-def iter_store(reader: StoreReader):
-    """(clip_id, array) for every clip of a store, in store order."""
-    return ((cid, reader.get(cid)) for cid in reader.ids)
+    return out / AUDIO_DIR
 
 
 def denoise_audio(audio_store: str | os.PathLike, cfg: DenoiseConfig,
@@ -54,45 +60,79 @@ def denoise_audio(audio_store: str | os.PathLike, cfg: DenoiseConfig,
     """Run the configured denoiser over every clip of an audio store."""
     denoiser = make_denoiser(cfg)
     out, failures = Path(out_dir), FailureReport("denoise")
-    with StoreReader(audio_store, kind="audio") as src, \
-            StoreWriter(out / DENOISED_FILE, "audio",
-                        meta={**src.meta, "denoiser": denoiser.fingerprint()}) as writer:
-        def work(clip_id, wav):
-            clean = denoiser.process(wav)
-            writer.add(clip_id, np.asarray(clean, dtype=np.float32),
-                       attrs={"sample_rate": src.meta.get("sample_rate", 16000)})
-        for_each_clip(iter_store(src), work, failures, f"denoise[{cfg.backend}]", total=len(src))
+    try:
+        with StoreReader(audio_store, kind="audio") as src:
+            fp = {"denoiser": denoiser.fingerprint(), "code": CODE_VERSION}
+            wanted = {cid: clip_key("denoise", src.keys[cid], fp) for cid in src.ids}
+            with _update(out / DENOISED_DIR, "audio", {**src.meta, **fp}, wanted,
+                         f"denoise[{cfg.backend}]") as up:
+                def work(clip_id, _):
+                    clean = denoiser.process(src.get(clip_id))
+                    up.add(clip_id, np.asarray(clean, dtype=np.float32),
+                           attrs={"sample_rate": src.meta.get("sample_rate", 16000)})
+                for_each_clip(((cid, None) for cid in up.todo), work, failures,
+                              f"denoise[{cfg.backend}]", total=len(up.todo),
+                              checkpoint=up.checkpoint)
+    finally:
+        denoiser.close()
     failures.write(out / "failures.json")
-    return out / DENOISED_FILE
+    return out / DENOISED_DIR
+
+
+def asr_fingerprint(cfg: AsrConfig) -> dict:
+    """What decides an ASR transcript, without loading the model: settings and weight hashes."""
+    path = Path(resolve_model_path(cfg.model))
+    files = sorted(p for p in path.iterdir() if p.suffix in (".bin", ".safetensors")) \
+        if path.is_dir() else []
+    weights = {f.name: sha256_file(f) for f in files} or f"hub:{cfg.model}"
+    settings = {k: v for k, v in as_dict(cfg).items() if k not in ("device", "transcripts_csv")}
+    return {**settings, "weights": weights, "code": CODE_VERSION}
 
 
 def transcribe_audio(audio_store: str | os.PathLike, cfg: AsrConfig,
                      out_dir: str | os.PathLike) -> Path:
-    """Transcripts for every clip: a user CSV entry wins, ASR fills in the rest."""
-    given = load_transcripts_csv(cfg.transcripts_csv) if cfg.transcripts_csv else {}
+    """Transcripts for every clip: a user CSV entry wins, ASR fills in the rest (cached by key)."""
+    given = load_transcripts_csv(cfg.transcripts_csv, cfg.language) if cfg.transcripts_csv else {}
     out, failures = Path(out_dir), FailureReport("asr")
+    old = _old_transcripts(out / TRANSCRIPTS_FILE)
+    fp = asr_fingerprint(cfg)
     texts: dict[str, dict] = {}
     with StoreReader(audio_store, kind="audio") as src:
-        todo = [cid for cid in src.ids if cid not in given]
-        texts.update({cid: {"text": given[cid], "source": "csv"} for cid in src.ids if cid in given})
-        transcriber = make_transcriber(cfg) if todo else None
+        keys = {cid: clip_key("asr-csv", given[cid]) if cid in given
+                else clip_key("asr", src.keys[cid], fp) for cid in src.ids}
+        for cid, key in keys.items():
+            if cid in given:
+                texts[cid] = {"text": given[cid], "source": "csv", "key": key}
+            elif old.get(cid, {}).get("key") == key:
+                texts[cid] = old[cid]
+        todo = [cid for cid in src.ids if cid not in texts]
+        print(f"[asr] {len(keys)} clips: {len(keys) - len(todo)} cached or given, "
+              f"{len(todo)} to transcribe")
+        transcriber = make_transcriber(AsrConfig(**{**as_dict(cfg), "transcripts_csv": ""})) \
+            if todo else None
 
         def work(clip_id, _):
             texts[clip_id] = {"text": transcriber.transcribe(src.get(clip_id), clip_id),
-                              "source": cfg.backend}
+                              "source": cfg.backend, "key": keys[clip_id]}
+        # Save finished transcripts every few clips so a killed run resumes where it stopped.
+        save = lambda: write_json_atomic(out / TRANSCRIPTS_FILE, {"asr": fp, "transcripts": texts})  # noqa: E731
         for_each_clip(((cid, None) for cid in todo), work, failures, f"asr[{cfg.backend}]",
-                      total=len(todo))
-    write_json_atomic(out / TRANSCRIPTS_FILE, {
-        "asr": transcriber.fingerprint() if transcriber else None,
-        "transcripts": texts})
+                      total=len(todo), checkpoint=save)
+    save()
     failures.write(out / "failures.json")
     return out / TRANSCRIPTS_FILE
 
 
-def read_transcripts(path: str | os.PathLike) -> dict[str, str]:
-    """clip id -> text from the asr stage's output."""
-    from features.reports import read_json
-    return {cid: t["text"] for cid, t in read_json(path)["transcripts"].items()}
+def _old_transcripts(path: Path) -> dict:
+    try:
+        return read_json(path)["transcripts"]
+    except (FileNotFoundError, KeyError, ValueError):
+        return {}
+
+
+def read_transcripts(path: str | os.PathLike) -> dict[str, dict]:
+    """clip id -> {"text", "source", "key"} from the asr stage's output."""
+    return read_json(path)["transcripts"]
 
 
 def crop_faces(manifest: str | os.PathLike, cfg: FacesConfig, out_dir: str | os.PathLike) -> Path:
@@ -101,16 +141,21 @@ def crop_faces(manifest: str | os.PathLike, cfg: FacesConfig, out_dir: str | os.
     Frames without a face get the documented fallback (see `features.faces`); clips where no frame
     had a face are listed under ``notes`` in failures.json with reason ``no_face``.
     """
-    clips = read_manifest(manifest)
+    clips = {c.clip_id: c for c in read_manifest(manifest)}
     out, failures = Path(out_dir), FailureReport("faces")
-    with StoreWriter(out / FACES_FILE, "faces", meta=as_dict(cfg)) as writer:
+    fp = {**as_dict(cfg), "code": CODE_VERSION}
+    wanted = {cid: clip_key("faces", c.sha256, fp) for cid, c in clips.items()}
+    with _update(out / FACES_DIR, "faces", fp, wanted, "faces") as up:
         def work(clip_id, clip):
             faces = extract_faces(clip.path, clip_id, cfg)
-            writer.add(clip_id, faces.crops, attrs={"times": faces.times,
-                                                    "detected": faces.detected.astype(np.uint8)})
-            if not faces.detected.any():
-                failures.note(clip_id, "no_face", f"no face found in {len(faces.times)} sampled "
-                              f"frames; stored the '{cfg.fallback}' fallback crops.")
-        for_each_clip(((c.clip_id, c) for c in clips), work, failures, "faces", total=len(clips))
+            up.add(clip_id, faces.crops, attrs={"times": faces.times,
+                                                "detected": faces.detected.astype(np.uint8)})
+        for_each_clip(((cid, clips[cid]) for cid in up.todo), work, failures, "faces",
+                      total=len(up.todo), checkpoint=up.checkpoint)
+    with StoreReader(out / FACES_DIR, kind="faces") as store:  # notes cover cached clips too
+        for cid in store.ids:
+            if not np.any(store.attrs(cid)["detected"]):
+                failures.note(cid, "no_face", f"no face found in any sampled frame; stored the "
+                              f"'{cfg.fallback}' fallback crops.")
     failures.write(out / "failures.json")
-    return out / FACES_FILE
+    return out / FACES_DIR

@@ -35,7 +35,7 @@ PREDICTIONS, BUNDLE, HISTORY = "predictions.csv", "model.pt", "history.json"
 def load_pooled(features_dir: str | os.PathLike, names: list[str],
                 clips: list[Clip]) -> tuple[dict[str, np.ndarray], list[Clip], list[Clip]]:
     """[N, L, D] pooled arrays per encoder for the clips every store has; and the clips without."""
-    stores = [StoreReader(Path(features_dir) / f"{n}.h5", kind="embedding") for n in names]
+    stores = [StoreReader(Path(features_dir) / n, kind="embedding") for n in names]
     try:
         have = [c for c in clips if all(c.clip_id in s for s in stores)]
         lacking = [c for c in clips if not all(c.clip_id in s for s in stores)]

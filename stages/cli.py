@@ -2,7 +2,7 @@
 
     mer prepare --out artifacts/prepare          (any stage: mer STAGE --help)
     mer standins artifacts/standins              build the random-weight demo stand-ins
-    mer store inspect artifacts/features/hubert.h5
+    mer store inspect artifacts/features/hubert
 """
 from __future__ import annotations
 

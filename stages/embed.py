@@ -8,7 +8,7 @@ from stages.common import load_params, parser, setup
 def main(argv=None) -> None:
     p = parser(__doc__)
     p.add_argument("encoder", help="name under embed.encoders in params.yaml")
-    p.add_argument("--out", required=True, help="output store path (.h5)")
+    p.add_argument("--out", required=True, help="output store folder")
     args = p.parse_args(argv)
     setup()
     where = f"embed.encoders.{args.encoder}"

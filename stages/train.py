@@ -8,7 +8,7 @@ def main(argv=None) -> None:
     p = parser(__doc__)
     p.add_argument("head", help="name under train.heads in params.yaml")
     p.add_argument("--manifest", required=True)
-    p.add_argument("--features", required=True, help="folder of embedding stores <encoder>.h5")
+    p.add_argument("--features", required=True, help="folder of embedding stores (one folder per encoder)")
     p.add_argument("--out", required=True, help="output folder for this head")
     args = p.parse_args(argv)
     setup()

@@ -1,4 +1,4 @@
-"""The feature store: round trips, crash safety, clear errors."""
+"""The feature store: round trips, incremental updates, crash safety, clear errors."""
 import os
 import subprocess
 import sys
@@ -6,43 +6,49 @@ import sys
 import numpy as np
 import pytest
 
-from features.store import StoreError, StoreReader, StoreWriter
+from features.store import StoreError, StoreReader, StoreUpdate, clip_key, write_store
 
 
-def _write(path, n=5, layers=3, dim=4, kind="embedding"):
-    rng = np.random.default_rng(0)
-    pooled = rng.standard_normal((n, layers, dim)).astype(np.float16)
-    frames = [rng.standard_normal((1, t + 2, dim)).astype(np.float16) for t in range(n)]
-    with StoreWriter(path, kind, meta={"encoder": "x", "layers": layers}) as w:
-        for i in range(n):
-            w.add(f"clip{i}", frames[i], attrs={"layers": [-1]}, pooled=pooled[i])
-    return pooled, frames
+def _items(n=5, layers=3, dim=4, seed=0):
+    rng = np.random.default_rng(seed)
+    return [(f"clip{i}", rng.standard_normal((1, i + 2, dim)).astype(np.float16), {"layers": [-1]},
+             rng.standard_normal((layers, dim)).astype(np.float16)) for i in range(n)]
+
+
+def _same(path_a, path_b):
+    with StoreReader(path_a) as a, StoreReader(path_b) as b:
+        assert sorted(a.ids) == sorted(b.ids)
+        ids = sorted(a.ids)
+        np.testing.assert_array_equal(a.pooled(ids=ids), b.pooled(ids=ids))
+        for cid in ids:
+            np.testing.assert_array_equal(a.get(cid), b.get(cid))
+            assert a.keys[cid] == b.keys[cid]
 
 
 def test_round_trip(tmp_path):
-    path = tmp_path / "s.h5"
-    pooled, frames = _write(path)
-    with StoreReader(path, kind="embedding") as s:
+    items = _items()
+    write_store(tmp_path / "s", "embedding", {"encoder": "x"}, items)
+    with StoreReader(tmp_path / "s", kind="embedding") as s:
         assert s.ids == [f"clip{i}" for i in range(5)]
-        assert s.meta == {"encoder": "x", "layers": 3}
+        assert s.meta == {"encoder": "x"}
         assert s.pooled_shape == (3, 5, 4)
+        pooled = np.stack([it[3] for it in items])
         np.testing.assert_array_equal(s.pooled(layer=-1), pooled[:, -1])
         np.testing.assert_array_equal(s.pooled(layer=0, ids=["clip3", "clip1"]), pooled[[3, 1], 0])
         np.testing.assert_array_equal(s.pooled(), pooled)
-        np.testing.assert_array_equal(s.get("clip2"), frames[2])
+        np.testing.assert_array_equal(s.get("clip2"), items[2][1])
         assert s.attrs("clip2") == {"layers": [-1]}
         assert "clip4" in s and "nope" not in s
-    assert not (tmp_path / "s.h5.tmp").exists()
+    assert not list((tmp_path / "s").glob("*.tmp"))
 
 
 def test_clear_errors(tmp_path):
-    path = tmp_path / "s.h5"
-    _write(path)
+    write_store(tmp_path / "s", "embedding", {}, _items())
     with pytest.raises(StoreError, match="does not exist"):
-        StoreReader(tmp_path / "missing.h5")
+        StoreReader(tmp_path / "missing")
     with pytest.raises(StoreError, match="expected 'audio'"):
-        StoreReader(path, kind="audio")
-    with StoreReader(path) as s:
+        StoreReader(tmp_path / "s", kind="audio")
+    with StoreReader(tmp_path / "s") as s:
         with pytest.raises(StoreError, match="'ghost' is not in store"):
             s.get("ghost")
         with pytest.raises(StoreError, match="layer 7 out of range"):
@@ -51,55 +57,111 @@ def test_clear_errors(tmp_path):
             s.pooled(layer=0, ids=["clip0", "ghost"])
 
 
-def test_rejects_bad_ids_and_duplicates(tmp_path):
+def test_rejects_bad_ids_duplicates_and_strangers(tmp_path):
     with pytest.raises(StoreError, match="no '/'"):
-        with StoreWriter(tmp_path / "a.h5", "audio") as w:
-            w.add("a/b", np.zeros(3))
+        StoreUpdate(tmp_path / "a", "audio", {}, {"a/b": "k"})
     with pytest.raises(StoreError, match="written twice"):
-        with StoreWriter(tmp_path / "a.h5", "audio") as w:
-            w.add("a", np.zeros(3))
-            w.add("a", np.zeros(3))
-    assert not (tmp_path / "a.h5").exists() and not (tmp_path / "a.h5.tmp").exists()
+        with StoreUpdate(tmp_path / "a", "audio", {}, {"a": "k"}) as up:
+            up.add("a", np.zeros(3))
+            up.checkpoint()
+            up.add("a", np.zeros(3))
+    with pytest.raises(StoreError, match="not among"):
+        with StoreUpdate(tmp_path / "b", "audio", {}, {"a": "k"}) as up:
+            up.add("zzz", np.zeros(3))
 
 
-def test_failed_write_keeps_previous_store(tmp_path):
-    path = tmp_path / "s.h5"
-    pooled, _ = _write(path)
+def test_incremental_update_reuses_keeps_and_removes(tmp_path):
+    items = {cid: (arr, attrs, pooled) for cid, arr, attrs, pooled in _items(6)}
+    keys = {cid: clip_key(cid, "v1") for cid in items}
+    first = {c: keys[c] for c in ["clip0", "clip1", "clip2", "clip3"]}
+    with StoreUpdate(tmp_path / "s", "embedding", {}, first) as up:
+        assert up.todo == list(first)
+        for cid in up.todo:
+            up.add(cid, items[cid][0], pooled=items[cid][2])
+    shard_files = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "s").glob("shard-*.h5")}
+
+    # Add two clips: only they are computed, the old shard file is left untouched.
+    second = {**first, "clip4": keys["clip4"], "clip5": keys["clip5"]}
+    with StoreUpdate(tmp_path / "s", "embedding", {}, second) as up:
+        assert up.todo == ["clip4", "clip5"] and up.reused == 4
+        for cid in up.todo:
+            up.add(cid, items[cid][0], pooled=items[cid][2])
+    for name, mtime in shard_files.items():
+        assert (tmp_path / "s" / name).stat().st_mtime_ns == mtime
+    # Remove one and change the key of another: the changed one is recomputed, the removed gone.
+    third = {c: k for c, k in second.items() if c != "clip1"}
+    third["clip2"] = clip_key("clip2", "v2")
+    with StoreUpdate(tmp_path / "s", "embedding", {}, third) as up:
+        assert up.todo == ["clip2"]
+        up.add("clip2", items["clip2"][0], pooled=items["clip2"][2])
+    with StoreReader(tmp_path / "s") as s:
+        assert sorted(s.ids) == ["clip0", "clip2", "clip3", "clip4", "clip5"]
+        assert s.keys["clip2"] == third["clip2"]
+        np.testing.assert_array_equal(s.pooled(layer=1, ids=["clip5"])[0], items["clip5"][2][1])
+    assert not (tmp_path / "s" / ".parts").exists()
+
+
+def test_failed_update_keeps_previous_store_and_finished_parts(tmp_path):
+    items = _items(4)
+    write_store(tmp_path / "s", "embedding", {}, items[:2])
+    wanted = {cid: clip_key(cid, i) for i, (cid, *_r) in enumerate(items)}
     with pytest.raises(RuntimeError):
-        with StoreWriter(path, "embedding") as w:
-            w.add("other", np.zeros(2), pooled=np.zeros((3, 4)))
+        with StoreUpdate(tmp_path / "s", "embedding", {}, wanted) as up:
+            up.add("clip2", items[2][1], pooled=items[2][3])
+            up.checkpoint()
             raise RuntimeError("crash inside the stage")
-    with StoreReader(path) as s:
-        np.testing.assert_array_equal(s.pooled(), pooled)
+    with StoreReader(tmp_path / "s") as s:
+        assert s.ids == ["clip0", "clip1"]
+    with StoreUpdate(tmp_path / "s", "embedding", {}, wanted) as up:
+        assert up.todo == ["clip3"]  # clip2's finished part is reused
+        up.add("clip3", items[3][1], pooled=items[3][3])
+    with StoreReader(tmp_path / "s") as s:
+        assert sorted(s.ids) == ["clip0", "clip1", "clip2", "clip3"]
 
 
-def test_killed_writer_never_leaves_a_readable_partial_store(tmp_path):
-    """SIGKILL a real writer mid-run: the target path is absent, and the temp file is refused."""
-    path = tmp_path / "s.h5"
-    code = (
-        "import sys, numpy as np\n"
-        "from features.store import StoreWriter\n"
-        "w = StoreWriter(sys.argv[1], 'audio')\n"
-        "for i in range(100000):\n"
-        "    w.add(f'c{i}', np.zeros(1000, np.float32))\n"
-        "    if i == 50: print('ready', flush=True)\n"
-    )
-    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE,
-                            cwd=os.getcwd())
-    assert proc.stdout.readline().strip() == b"ready"
+KILL_SCRIPT = """
+import sys, numpy as np
+from features.store import StoreUpdate, clip_key
+path, n, slow = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "slow"
+wanted = {f"c{i:04d}": clip_key(i) for i in range(n)}
+with StoreUpdate(path, "embedding", {"m": 1}, wanted, part_mb=0.05) as up:
+    print("todo", len(up.todo), flush=True)
+    for cid in up.todo:
+        i = int(cid[1:])
+        up.add(cid, np.full((1, 3, 8), i, np.float16), pooled=np.full((2, 8), i, np.float16))
+        if slow and i % 10 == 0:
+            up.checkpoint()
+            print("done", i, flush=True)
+"""
+
+
+def test_sigkill_then_rerun_equals_uninterrupted_run(tmp_path):
+    """SIGKILL a real writer mid-run, rerun: finished work is kept, result equals a clean run."""
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    run = lambda path, mode: subprocess.Popen(  # noqa: E731
+        [sys.executable, "-c", KILL_SCRIPT, str(path), "400", mode], stdout=subprocess.PIPE,
+        text=True, env=env)
+    proc = run(tmp_path / "killed", "slow")
+    lines = []
+    while len(lines) < 15:
+        lines.append(proc.stdout.readline())
     proc.kill()
     proc.wait()
-    assert not path.exists()
-    tmp = tmp_path / "s.h5.tmp"
-    assert tmp.exists()
-    with pytest.raises(StoreError, match="cannot be opened|not a complete"):
-        StoreReader(tmp)
+    assert not (tmp_path / "killed" / "store.json").exists()  # never committed, nothing half-read
+    with pytest.raises(StoreError):
+        StoreReader(tmp_path / "killed")
+    resumed = run(tmp_path / "killed", "fast")
+    out, _ = resumed.communicate()
+    todo = int(out.split()[1])
+    assert todo < 400 - 100  # at least the checkpointed clips were reused
+    clean = run(tmp_path / "clean", "fast")
+    clean.communicate()
+    _same(tmp_path / "killed", tmp_path / "clean")
 
 
 def test_summary_for_inspect(tmp_path):
-    path = tmp_path / "s.h5"
-    _write(path)
-    with StoreReader(path) as s:
+    write_store(tmp_path / "s", "embedding", {"encoder": "x"}, _items())
+    with StoreReader(tmp_path / "s") as s:
         info = s.summary()
     assert info["clips"] == 5 and info["pooled"] == {"layers": 3, "dim": 4, "dtype": "float16"}
-    assert info["per_clip"]["dtype"] == "float16"
+    assert info["per_clip"]["dtype"] == "float16" and info["shards"] == 1

@@ -7,7 +7,7 @@ n = 5000
 r = np.random.default_rng(0)
 lab = r.integers(0, 6, n)
 feats = {k: r.normal(size=(n, 1024)).astype(np.float32) for k in "abc"}
-cfg = HeadConfig(type="attention", features=list("abc"), epochs=1)
+cfg = HeadConfig(type="attention", features=list("abc"), epochs=2)
 orig = T._fit
 def prof_fit(*a, **k):
     with torch.profiler.profile() as p:

@@ -49,6 +49,7 @@ class EncoderConfig:
     max_seconds: float = 30.0  # speech: longer clips keep their first max_seconds
     trust_remote_code: bool = False
     input: str = ""  # the store this encoder reads; used by the stage only
+    store_dtype: str = "float16"  # float16 | float32: dtype of the stored vectors (fp16 halves disk)
 
 
 @dataclass
