@@ -347,7 +347,8 @@ def draw_body(img: np.ndarray, alpha: np.ndarray, look: Look) -> None:
     b = a * look.aspect
     s = img.shape[0]
     for layer, val in ((img, look.hair), (alpha, 1.0)):
-        cv2.ellipse(layer, pt(cx, cy - 0.12 * b), pt(1.12 * a, 1.08 * b), 0, 0, 360, col(val), -1, cv2.LINE_AA)
+        cv2.ellipse(layer, pt(cx, cy - 0.12 * b), pt(1.12 * a, 1.08 * b), 0, 0, 360, col(val), -1,
+                    cv2.LINE_AA)
     neck = np.array([[cx - 0.45 * a, cy + 0.5 * b], [cx + 0.45 * a, cy + 0.5 * b],
                      [cx + 0.5 * a, s], [cx - 0.5 * a, s]])
     for layer, val in ((img, look.skin * 0.72), (alpha, 1.0)):
@@ -435,7 +436,8 @@ def draw_eye(img: np.ndarray, look: Look, e: Expression, side: int, blink: float
     cv2.circle(eye, iris, int(0.09 * a), col(look.iris), -1, cv2.LINE_AA)
     cv2.circle(eye, iris, int(0.04 * a), (0.05, 0.05, 0.05), -1, cv2.LINE_AA)
     fill_inside(sub, np.vstack([upper, lower]) - o, eye)
-    cv2.polylines(sub, [np.int32(upper - o)], False, col(look.hair * 0.5), max(2, int(0.035 * a)), cv2.LINE_AA)
+    lash = max(2, int(0.035 * a))
+    cv2.polylines(sub, [np.int32(upper - o)], False, col(look.hair * 0.5), lash, cv2.LINE_AA)
 
 
 def draw_brow(img: np.ndarray, look: Look, e: Expression, side: int) -> None:
@@ -632,10 +634,11 @@ def write_csv(path: Path, header: list[str], rows) -> None:
 def write_tables(out: Path, records: list[tuple[str, ClipRecord]]) -> None:
     write_csv(out / "labels.csv", ["name", "discrete"],
               [(r.name, r.emotion) for folder, r in records if folder == "video"])
-    write_csv(out / "reference_transcripts.csv", ["name", "text"], [(r.name, r.speech.text) for _, r in records])
+    write_csv(out / "reference_transcripts.csv", ["name", "text"],
+              [(r.name, r.speech.text) for _, r in records])
     write_csv(out / "generation.csv", ["name", "folder", "voice", "rate_wpm", "pitch", "snr_db", "seconds"],
-              [(r.name, f, r.speech.voice, r.speech.rate, r.speech.pitch, f"{r.snr_db:.1f}", f"{r.seconds:.2f}")
-               for f, r in records])
+              [(r.name, f, r.speech.voice, r.speech.rate, r.speech.pitch, f"{r.snr_db:.1f}",
+                f"{r.seconds:.2f}") for f, r in records])
 
 
 README = """\
@@ -781,7 +784,8 @@ def write_readme(out: Path, records: list[tuple[str, ClipRecord]], seed: int, fa
 
 def check_tools() -> str:
     if shutil.which("espeak-ng") is None:
-        sys.exit("espeak-ng not found on PATH: install it (apt-get install espeak-ng) to generate the demo data")
+        sys.exit("espeak-ng not found on PATH: install it (apt-get install espeak-ng) "
+                 "to generate the demo data")
     return ffmpeg_exe()
 
 

@@ -97,10 +97,10 @@ def test_repro_builds_everything_then_noop_then_only_what_changed(project):
     assert {"prepare", "audio", "denoise", "asr", "faces", "embed@hubert", "embed@minilm",
             "train@probe_hubert", "train@attention", "evaluate"} <= first
 
-    with StoreReader(project / "artifacts/audio/audio.h5", kind="audio") as s:
+    with StoreReader(project / "artifacts/audio/audio", kind="audio") as s:
         assert len(s) == 14 and s.get("clip_00").dtype.name == "float32"
         assert 15000 < len(s.get("clip_00")) < 17000  # 1 s at 16 kHz
-    with StoreReader(project / "artifacts/features/hubert.h5", kind="embedding") as s:
+    with StoreReader(project / "artifacts/features/hubert", kind="embedding") as s:
         layers, n, dim = s.pooled_shape
         assert n == 14 and layers == s.meta["num_layers"] and s.get("clip_00").shape[0] == 1
     metrics = json.loads((project / "results/metrics.json").read_text())
@@ -116,8 +116,26 @@ def test_repro_builds_everything_then_noop_then_only_what_changed(project):
     rerun = _ran(_repro(project))
     assert "embed@hubert" in rerun
     assert not rerun & {"prepare", "audio", "denoise", "asr", "faces", "embed@minilm"}
-    with StoreReader(project / "artifacts/features/hubert.h5") as s:
+    with StoreReader(project / "artifacts/features/hubert") as s:
         assert s.get("clip_00").shape[0] == 2
+
+
+def test_adding_a_clip_computes_only_that_clip(project):
+    _video(project / "data/unlabelled" / "unlab_new.mp4", 440)
+    log = _repro(project)
+    for line in ("[audio] 15 clips: 14 cached, 1 to compute",
+                 "[faces] 15 clips: 14 cached, 1 to compute",
+                 "[denoise[none]] 15 clips: 14 cached, 1 to compute",
+                 "[asr] 15 clips: 14 cached or given, 1 to transcribe",
+                 "[embed hubert] 15 clips: 14 cached, 1 to encode",
+                 "[embed minilm] 15 clips: 14 cached, 1 to encode"):
+        assert line in log, log[-4000:]
+    with StoreReader(project / "artifacts/features/minilm") as s:
+        assert len(s) == 15 and "unlab_new" in s
+    (project / "data/unlabelled" / "unlab_new.mp4").unlink()
+    _repro(project)
+    with StoreReader(project / "artifacts/features/minilm") as s:
+        assert len(s) == 14 and "unlab_new" not in s
 
 
 def test_no_hdf5_tracked_by_git():
