@@ -50,7 +50,8 @@ class HeadConfig:
             )
         if not 0.0 <= self.dropout < 1.0 or self.weight_decay < 0:
             raise ConfigError(
-                f"dropout={self.dropout} must be in [0, 1) and weight_decay={self.weight_decay} >= 0."
+                f"dropout={self.dropout} must be in [0, 1) and "
+                f"weight_decay={self.weight_decay} must be >= 0."
             )
 
 

@@ -38,7 +38,8 @@ def _checked(y_true: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndar
     if len(y_true) == 0:
         raise ConfigError("cannot compute metrics on zero labelled clips.")
     if y_true.min() < 0 or y_true.max() >= len(CLASSES):
-        raise ConfigError(f"labels must be class ids 0..{len(CLASSES) - 1}, got {y_true.min()}..{y_true.max()}.")
+        raise ConfigError(f"labels must be class ids 0..{len(CLASSES) - 1}, "
+                          f"got {y_true.min()}..{y_true.max()}.")
     return y_true.astype(np.int64), probs.argmax(axis=1)
 
 

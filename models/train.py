@@ -110,7 +110,7 @@ def cross_validate(features: Arrays, labels: np.ndarray, cfg: HeadConfig, train_
     splits = fold_splits(y, train_cfg.folds, train_cfg.seed)
     parts = [train for train, _ in splits]
     scaler = _stack_scalers([fit_scaler({n: a[tr] for n, a in x.items()}) for tr in parts])
-    with _deterministic(train_cfg.threads, device), _own_rng(device):
+    with _run_settings(train_cfg.threads, device), _own_rng(device):
         torch.manual_seed(train_cfg.seed)  # weights and dropout masks
         model = build_head(cfg, _dims(x), members=len(parts)).to(device)
         history = _fit(model, x, y, parts, scaler, cfg, device, train_cfg.seed, on_epoch)
@@ -160,21 +160,28 @@ def _fit(model: nn.Module, x: dict[str, np.ndarray], y: np.ndarray, parts: list[
                                        f"{len(parts)} folds", unit="epoch")
     for epoch in bar:
         idx = _epoch_order(parts, n, order).to(device)
-        total = torch.zeros(len(parts), device=device)
-        for start in range(0, n, cfg.batch_size):
-            batch = idx[:, start:start + cfg.batch_size]
-            loss = _batch_loss(model, xs, norm, ys, weight, batch)
-            opt.zero_grad(set_to_none=True)
-            loss.sum().backward()  # members share no weights: each gets its own fold's gradient
-            opt.step()
-            total += loss.detach() * batch.shape[1]
-        losses = (total / n).tolist()  # one host sync per epoch
+        losses = _epoch(model, opt, xs, norm, ys, weight, idx, cfg.batch_size)
         bar.set_postfix(loss=f"{np.mean(losses):.4f}")
-        for fold, loss_value in enumerate(losses):
-            history[fold].append(loss_value)
+        for fold, loss in enumerate(losses):
+            history[fold].append(loss)
             if on_epoch is not None:
-                on_epoch(fold, epoch, loss_value)
+                on_epoch(fold, epoch, loss)
     return history
+
+
+def _epoch(model: nn.Module, opt: torch.optim.Optimizer, xs: dict[str, Tensor],
+           norm: dict[str, tuple[Tensor, Tensor]], ys: Tensor, weight: Tensor, idx: Tensor,
+           batch_size: int) -> list[float]:
+    """One pass over idx [K, n]; returns each fold's mean train loss."""
+    total = torch.zeros(idx.shape[0], device=idx.device)
+    for start in range(0, idx.shape[1], batch_size):
+        batch = idx[:, start:start + batch_size]
+        loss = _batch_loss(model, xs, norm, ys, weight, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.sum().backward()  # members share no weights: each gets its own fold's gradient
+        opt.step()
+        total += loss.detach() * batch.shape[1]
+    return (total / idx.shape[1]).tolist()  # one host sync per epoch
 
 
 def _epoch_order(parts: list[np.ndarray], n: int, gen: torch.Generator) -> Tensor:
@@ -194,10 +201,11 @@ def _epoch_order(parts: list[np.ndarray], n: int, gen: torch.Generator) -> Tenso
 def _batch_loss(model: nn.Module, xs: dict[str, Tensor], norm: dict[str, tuple[Tensor, Tensor]],
                 ys: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
     """Per-fold class-weighted mean cross entropy [K] of one minibatch idx [K, B]."""
-    flat = idx.reshape(-1)
-    feats = {n: _standardise(a[flat].view(*idx.shape, -1), norm[n]) for n, a in xs.items()}
+    flat = idx.reshape(-1)  # index_select: ~5x faster than advanced indexing for row gathers
+    feats = {n: _standardise(a.index_select(0, flat).view(*idx.shape, -1), norm[n])
+             for n, a in xs.items()}
     logits = model(feats)  # [K, B, C]
-    target = ys[idx]
+    target = ys.index_select(0, flat).view(idx.shape)
     nll = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # [K, B]
     w = weight.gather(1, target)
     return (w * nll).sum(dim=1) / w.sum(dim=1)  # = CrossEntropyLoss(weight=...) per fold
@@ -279,7 +287,7 @@ def _own_rng(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 @contextlib.contextmanager
-def _deterministic(threads: int, device: torch.device) -> Iterator[None]:
+def _run_settings(threads: int, device: torch.device) -> Iterator[None]:
     """Deterministic kernels, a fixed CPU thread count, subnormals flushed; restored afterwards."""
     if device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call
@@ -320,8 +328,19 @@ def _flush_subnormals(on: bool) -> None:
 
 @functools.cache
 def _openmp_runtime() -> ctypes.CDLL | None:
-    """The OpenMP runtime torch already loaded (dlopen by soname returns the loaded copy)."""
-    for name in ("libgomp.so.1", "libiomp5.so"):
+    """torch's OpenMP runtime (Linux), else None.
+
+    Other wheels ship their own copies (scikit-learn has one), so the one inside torch's folder
+    comes first; then the plain sonames, which dlopen resolves to the copy already loaded.
+    """
+    torch_dir = os.path.dirname(torch.__file__)
+    try:
+        with open("/proc/self/maps") as maps:
+            ours = sorted({line.split()[-1] for line in maps if torch_dir in line})
+    except OSError:
+        ours = []
+    names = [p for p in ours if os.path.basename(p).startswith(("libgomp", "libiomp5"))]
+    for name in names + ["libgomp.so.1", "libiomp5.so"]:
         try:
             lib = ctypes.CDLL(name)
             lib.GOMP_parallel.restype = None
@@ -348,7 +367,10 @@ def _as_inputs(features: Arrays, cfg: HeadConfig, what: str,
             f"select_layer first."
         )
     if dims is not None and _dims(x) != dict(dims):
-        raise ConfigError(f"{what} dims {_dims(x)} differ from the training features' {dict(dims)}.")
+        raise ConfigError(
+            f"{what} dims {_dims(x)} differ from the training features' {dict(dims)}; use the "
+            f"same encoders and layer as in training."
+        )
     return x
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import re
 import shutil
 import subprocess
 import sys
@@ -696,7 +697,7 @@ darker than the skin), eye colour, face size and position, head shape, light dir
 background are random. Within a clip the head sways and tilts (up to 2% of the frame width, 5
 degrees), the eyes blink at random and the mouth opens with the loudness of the speech.
 
-**Speech.** `{espeak}`, English voices (en, en-us, en-gb-x-rp, en-gb-scotland, en-029,
+**Speech.** {espeak}, English voices (en, en-us, en-gb-x-rp, en-gb-scotland, en-029,
 en-us-nyc) with ten voice variants ({n_voices} voice/variant pairs used). Prosody fits the class,
 jittered per clip: angry is loud, fast, with a wide pitch range; happy is higher and lively; sad
 slow, quiet, low with a narrow range; worried quiet with a narrow range; surprise high-pitched with a
@@ -706,7 +707,7 @@ instead say one of six sentences shared by all classes ("I just heard the news."
 and face tell the class. Light background noise (pink noise, on 40% of clips with 50/60 Hz mains hum)
 is added at a random SNR of {min_snr:.1f}-{max_snr:.1f} dB, so a denoiser has something to remove.
 
-**Encoding.** `{ffmpeg}`, libx264 CRF 23, native AAC, bit-exact flags and no metadata.
+**Encoding.** {ffmpeg}, libx264 CRF 23, native AAC, bit-exact flags and no metadata.
 The same seed with the same espeak-ng, ffmpeg and x264 versions gives byte-identical files
 (checked by regenerating); other tool versions may change bytes, not the design.
 
@@ -758,9 +759,11 @@ def face_detection_rate(videos: list[Path]) -> float:
     return hits / max(total, 1)
 
 
-def tool_version(cmd: list[str]) -> str:
-    out = subprocess.run(cmd, capture_output=True, text=True).stdout.strip().splitlines()
-    return out[0] if out else "unknown"
+def tool_version(cmd: list[str], name: str) -> str:
+    """'name 1.2.3' from the first version-looking word a tool prints, for the README."""
+    out = subprocess.run(cmd, capture_output=True, text=True).stdout
+    found = re.search(r"\d+\.\d+\S*", out)
+    return f"{name} {found.group(0) if found else '(unknown version)'}"
 
 
 def write_readme(out: Path, records: list[tuple[str, ClipRecord]], seed: int, face_rate: float,
@@ -775,8 +778,8 @@ def write_readme(out: Path, records: list[tuple[str, ClipRecord]], seed: int, fa
         per_class=n_lab // len(CLASSES), size_mb=size / 2**20,
         min_s=min(secs), max_s=max(secs), mean_s=np.mean(secs), min_snr=min(snrs), max_snr=max(snrs),
         n_voices=len({r.speech.voice for _, r in records}), shared=shared, n=len(records),
-        face_rate=100 * face_rate, espeak=tool_version(["espeak-ng", "--version"]),
-        ffmpeg=tool_version([ffmpeg, "-version"]), size=SIZE, fps=FPS,
+        face_rate=100 * face_rate, espeak=tool_version(["espeak-ng", "--version"], "espeak-ng"),
+        ffmpeg=tool_version([ffmpeg, "-version"], "ffmpeg"), size=SIZE, fps=FPS,
         one_clip=100 / n_lab, test_n=round(0.2 * n_lab), test_step=100 / max(round(0.2 * n_lab), 1),
     )
     (out / "README.md").write_text(text)

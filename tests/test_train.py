@@ -154,3 +154,17 @@ def test_load_bundle_errors(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a bundle")
     with pytest.raises(ModelLoadError, match="did not load"):
         load_bundle(tmp_path / "junk.pt")
+
+
+def test_run_flushes_subnormals_inside_and_restores_torch_settings():
+    feats, y = synthetic(n=60)
+    threads = torch.get_num_threads()
+    subnormal = torch.full((1 << 20,), 1e-39)  # big enough to be split over both threads
+    seen = []
+    cfg = HeadConfig(type="probe", features=["hubert"], **{**FAST, "epochs": 1})
+    cross_validate(feats, y, cfg, TrainConfig(folds=2, threads=2),
+                   on_epoch=lambda *_: seen.append(int(subnormal.mul(1.0).count_nonzero())))
+    assert seen == [0, 0]  # flushed on every OpenMP thread (subnormals slow CPU math ~100x)
+    assert int(subnormal.mul(1.0).count_nonzero()) == subnormal.numel()
+    assert torch.get_num_threads() == threads
+    assert not torch.are_deterministic_algorithms_enabled()
