@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml requirements-models.txt
 demo: setup
 	mer standins artifacts/standins
 	dvc repro
-	dvc metrics show
+	mer metrics
 
 test: setup
 	$(PY) -m pytest -q

@@ -7,8 +7,7 @@ from typing import Any, Mapping
 from features.config import from_section
 from features.errors import ConfigError
 
-# Fixed order: label ids, probability columns, metrics and plots all use it.
-CLASSES = ("neutral", "angry", "happy", "sad", "worried", "surprise")
+from features.manifest import CLASSES  # noqa: F401  (fixed order: label ids, prob columns, plots)
 
 HEAD_TYPES = ("probe", "attention")  # kept in sync with models.heads.HEADS (a test checks)
 LAYER_NAMES = ("mean", "last4")
@@ -59,7 +58,7 @@ class HeadConfig:
 class TrainConfig:
     """The `train` section: cross-validation settings and the heads to train."""
 
-    folds: int = 5
+    folds: int = 5  # used only without manifest folds (the API); stages use prepare.folds
     seed: int = 0
     device: str = "cpu"  # "cpu" or "cuda"; bit-identical reruns are guaranteed on CPU
     threads: int = 0  # torch CPU threads for training; 0 keeps torch's setting (OMP_NUM_THREADS)

@@ -61,8 +61,9 @@ def train_head(name: str, cfg: HeadConfig, train_cfg: TrainConfig, manifest: str
     lab = np.array([bool(c.label) for c in clips])
     y = np.array([CLASSES.index(c.label) for c in clips if c.label])
     test = {n: a[~lab] for n, a in inputs.items()} if (~lab).any() else None
+    folds = np.array([c.fold for c in clips if c.label])  # one split shared by every head
     result = cross_validate({n: a[lab] for n, a in inputs.items()}, y, cfg, train_cfg,
-                            test_features=test)
+                            test_features=test, folds=folds)
     save_bundle(out / BUNDLE, result, cfg, {n: a.shape[1] for n, a in inputs.items()})
     labelled = [c for c in clips if c.label]
     unlabelled = [c for c in clips if not c.label]

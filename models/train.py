@@ -96,8 +96,12 @@ class CVResult:
 
 def cross_validate(features: Arrays, labels: np.ndarray, cfg: HeadConfig, train_cfg: TrainConfig,
                    test_features: Arrays | None = None,
-                   on_epoch: EpochCallback | None = None) -> CVResult:
+                   on_epoch: EpochCallback | None = None,
+                   folds: np.ndarray | None = None) -> CVResult:
     """Seeded stratified k-fold training of one head; bit-identical on reruns (CPU).
+
+    `folds` gives each row's fold id (the manifest's, so every head shares one split); without
+    it, seeded stratified folds are drawn from `train_cfg.folds` and `train_cfg.seed`.
 
     All folds train together as one head with a member per fold (see models.heads); each
     member sees only its fold's train part, standardised with that part's statistics.
@@ -107,7 +111,8 @@ def cross_validate(features: Arrays, labels: np.ndarray, cfg: HeadConfig, train_
     y = _as_labels(labels, _rows(x))
     x_test = _as_inputs(test_features, cfg, "test_features", _dims(x)) if test_features else None
     device = torch.device(train_cfg.device)
-    splits = fold_splits(y, train_cfg.folds, train_cfg.seed)
+    splits = (given_splits(folds, len(y)) if folds is not None
+              else fold_splits(y, train_cfg.folds, train_cfg.seed))
     parts = [train for train, _ in splits]
     scaler = _stack_scalers([fit_scaler({n: a[tr] for n, a in x.items()}) for tr in parts])
     with _run_settings(train_cfg.threads, device), _own_rng(device):
@@ -120,6 +125,18 @@ def cross_validate(features: Arrays, labels: np.ndarray, cfg: HeadConfig, train_
         oof = _stacked_probs(model, scaler, x, device)[fold_of, np.arange(len(y))]
         test = _stacked_probs(model, scaler, x_test, device).mean(axis=0) if x_test else None
     return CVResult(oof, fold_of, test, history, _unstack(model, scaler))
+
+
+def given_splits(folds: np.ndarray, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train, held-out) index pairs from per-row fold ids 0..k-1."""
+    folds = np.asarray(folds)
+    if folds.shape != (n,) or (folds < 0).any():
+        raise ConfigError(f"folds must give a fold id >= 0 for each of the {n} labelled rows, "
+                          f"got shape {folds.shape}; rerun `prepare` to refresh the manifest.")
+    ids = np.unique(folds)
+    if len(ids) < 2:
+        raise ConfigError(f"cross-validation needs at least 2 folds, the manifest has {len(ids)}.")
+    return [(np.flatnonzero(folds != k), np.flatnonzero(folds == k)) for k in ids]
 
 
 def fold_splits(labels: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -3,6 +3,7 @@
     mer prepare --out artifacts/prepare          (any stage: mer STAGE --help)
     mer standins artifacts/standins              build the random-weight demo stand-ins
     mer store inspect artifacts/features/hubert
+    mer metrics [results/metrics.json]           one line per head: weighted F1, accuracy, macro F1
 """
 from __future__ import annotations
 
@@ -39,6 +40,22 @@ def _inspect(argv: list[str]) -> None:
         print(f"  {key}: {json.dumps(value) if not isinstance(value, str) else value}")
 
 
+def _metrics(argv: list[str]) -> None:
+    from models.run import read_metrics
+    p = argparse.ArgumentParser(prog="mer metrics", description="Out-of-fold metrics per head.")
+    p.add_argument("path", nargs="?", default="results/metrics.json")
+    args = p.parse_args(argv)
+    try:
+        metrics = read_metrics(args.path)
+    except FileNotFoundError:
+        raise MerError(f"{args.path} does not exist; run `dvc repro` (or `mer evaluate`) first.")
+    print(f"{'head':<16} {'clips':>5} {'wF1':>6} {'acc':>6} {'macroF1':>7}")
+    for head, m in sorted(metrics["heads"].items(), key=lambda kv: -kv[1]["weighted_f1"]):
+        mark = "  <- main" if head == metrics.get("main_head") else ""
+        print(f"{head:<16} {m['clips']:>5} {m['weighted_f1']:>6.3f} {m['accuracy']:>6.3f} "
+              f"{m['macro_f1']:>7.3f}{mark}")
+
+
 def _standins(argv: list[str]) -> None:
     from features.standins import build_standins
     p = argparse.ArgumentParser(prog="mer standins",
@@ -52,7 +69,7 @@ def _standins(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = f"usage: mer {{{','.join(STAGES)},standins,store}} ..."
+    usage = f"usage: mer {{{','.join(STAGES)},standins,store,metrics}} ..."
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip() + "\n\n" + usage)
         return 0
@@ -60,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if cmd in STAGES:
             importlib.import_module(f"stages.{cmd}").main(rest)
+        elif cmd == "metrics":
+            _metrics(rest)
         elif cmd == "standins":
             _standins(rest)
         elif cmd == "store" and rest[:1] == ["inspect"]:

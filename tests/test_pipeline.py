@@ -37,7 +37,6 @@ def _tiny_params(models: dict) -> dict:
         "hubert": {**params["embed"]["encoders"]["hubert"], "model": models["hubert-standin"]},
         "minilm": params["embed"]["encoders"]["minilm"],
     }
-    params["train"]["folds"] = 2
     params["train"]["heads"] = {
         "probe_hubert": {"type": "probe", "features": ["hubert"], "layer": "mean", "epochs": 3},
         "attention": {"type": "attention", "features": ["hubert", "minilm"], "epochs": 3},

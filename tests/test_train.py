@@ -97,6 +97,18 @@ def test_folds_are_stratified_and_scalers_fit_on_train_part():
                                    train_mean, rtol=1e-4, atol=1e-4)
 
 
+def test_given_folds_are_used_as_is_and_checked():
+    feats, y = synthetic(n=60)
+    folds = np.arange(60) % 3  # e.g. the manifest's fold column
+    cfg = HeadConfig(type="probe", features=list(DIMS), **{**FAST, "epochs": 1})
+    res = cross_validate(feats, y, cfg, TrainConfig(folds=7, threads=1), folds=folds)
+    assert res.n_folds == 3 and (res.fold_of == folds).all()
+    with pytest.raises(ConfigError, match="fold id"):
+        cross_validate(feats, y, cfg, TrainConfig(threads=1), folds=folds[:-1])
+    with pytest.raises(ConfigError, match="at least 2 folds"):
+        cross_validate(feats, y, cfg, TrainConfig(threads=1), folds=np.zeros(60, int))
+
+
 def test_too_small_class_falls_back_to_fewer_folds_with_warning():
     y = np.array([0] * 10 + [1] * 10 + [2] * 3)
     with pytest.warns(UserWarning, match="using 3 folds"):
