@@ -3,6 +3,7 @@
     mer prepare --out artifacts/prepare          (any stage: mer STAGE --help)
     mer standins artifacts/standins              build the random-weight demo stand-ins
     mer store inspect artifacts/features/hubert
+    mer status [--json]                          clips per stage: done / failed / pending / blocked
     mer metrics [results/metrics.json]           one line per head: weighted F1, accuracy, macro F1
 """
 from __future__ import annotations
@@ -40,6 +41,24 @@ def _inspect(argv: list[str]) -> None:
         print(f"  {key}: {json.dumps(value) if not isinstance(value, str) else value}")
 
 
+def _status(argv: list[str]) -> None:
+    from features.status import format_status, pipeline_status
+    from stages.common import load_params
+    p = argparse.ArgumentParser(prog="mer status", description="Clips per stage, from the outputs.")
+    p.add_argument("--root", default=".", help="project root (default: .)")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--json", action="store_true", help="print JSON with the clip ids")
+    args = p.parse_args(argv)
+    encoders = load_params("embed.encoders", f"{args.root}/{args.params}")
+    rows = pipeline_status(args.root, encoders)
+    if args.json:
+        print(json.dumps([{"stage": r.stage, "done": len(r.done), "failed": r.failed,
+                           "pending": sorted(r.pending), "blocked": sorted(r.blocked)}
+                          for r in rows], indent=1))
+    else:
+        print(format_status(rows))
+
+
 def _metrics(argv: list[str]) -> None:
     from models.run import read_metrics
     p = argparse.ArgumentParser(prog="mer metrics", description="Out-of-fold metrics per head.")
@@ -69,7 +88,7 @@ def _standins(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = f"usage: mer {{{','.join(STAGES)},standins,store,metrics}} ..."
+    usage = f"usage: mer {{{','.join(STAGES)},standins,store,status,metrics}} ..."
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip() + "\n\n" + usage)
         return 0
@@ -77,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if cmd in STAGES:
             importlib.import_module(f"stages.{cmd}").main(rest)
+        elif cmd == "status":
+            _status(rest)
         elif cmd == "metrics":
             _metrics(rest)
         elif cmd == "standins":
