@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -135,6 +136,82 @@ def test_adding_a_clip_computes_only_that_clip(project):
     _repro(project)
     with StoreReader(project / "artifacts/features/minilm") as s:
         assert len(s) == 14 and "unlab_new" not in s
+
+
+def _run(args: list[str], cwd: Path, env: dict | None = None) -> str:
+    done = subprocess.run(args, cwd=cwd, env=env or _env(), capture_output=True, text=True)
+    assert done.returncode == 0, f"{args}: " + done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+def _share(project: Path, remote: str, extra: list[list[str]] = (), env=None) -> None:
+    """Commit the project to git and push its DVC outputs to `remote` (what the extractor does)."""
+    _run(["dvc", "remote", "add", "-f", "-d", "shared", remote], project)
+    for cmd in extra:
+        _run(cmd, project)
+    _run(["git", "add", "-A"], project)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "share",
+          "--allow-empty"], project)
+    _run(["dvc", "push"], project, env)
+
+
+def _teammate_gets_everything(project: Path, clone: Path, pull: list[str], env=None) -> None:
+    """A fresh clone gets the stores from the remote and recomputes nothing."""
+    _run(["git", "clone", "-q", str(project), str(clone)], project.parent, env)
+    log = _run(pull, clone, env)
+    if pull[:2] == ["dvc", "pull"]:
+        log = _run(["dvc", "repro"], clone, env)
+    assert _ran(log) == set(), log[-3000:]
+    assert "Data and pipelines are up to date" in _run(["dvc", "status"], clone, env)
+    for name in ("audio/audio", "features/hubert", "features/minilm"):
+        with StoreReader(project / "artifacts" / name) as a, StoreReader(clone / "artifacts" / name) as b:
+            assert a.ids == b.ids and a.meta == b.meta
+            np.testing.assert_array_equal(a.get(a.ids[0]), b.get(b.ids[0]))
+
+
+def test_teammate_pulls_from_a_folder_remote_and_runs_nothing(project, tmp_path):
+    _share(project, str(tmp_path / "remote"))
+    _teammate_gets_everything(project, tmp_path / "mate_pull", ["dvc", "pull"])
+    _teammate_gets_everything(project, tmp_path / "mate_repro", ["dvc", "repro", "--pull"])
+
+
+@pytest.fixture
+def s3_server():
+    """moto's S3 server on 127.0.0.1 (skipped where moto[server] or dvc-s3 are not installed)."""
+    pytest.importorskip("dvc_s3")
+    exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
+    if exe is None:
+        pytest.skip("moto_server not installed (pip install 'moto[server]')")
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    env = dict(_env(), AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test",
+               AWS_DEFAULT_REGION="us-east-1")
+    import time
+    import urllib.request
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(url, timeout=1)  # noqa: S310 - local test server
+            break
+        except OSError:
+            time.sleep(0.1)
+    import boto3
+    boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="test",
+                 aws_secret_access_key="test").create_bucket(Bucket="features")
+    yield url, env
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_teammate_pulls_from_an_s3_remote_and_runs_nothing(project, tmp_path, s3_server):
+    url, env = s3_server
+    _share(project, "s3://features/mer", [["dvc", "remote", "modify", "shared", "endpointurl", url]],
+           env)
+    _teammate_gets_everything(project, tmp_path / "mate_s3", ["dvc", "pull"], env)
 
 
 def test_no_hdf5_tracked_by_git():
