@@ -113,7 +113,7 @@ def assign_folds(labels: list[str], folds: int, seed: int) -> np.ndarray:
     return out
 
 
-def _describe(clip_id: str, path: Path, label: str, split: str) -> Clip:
+def describe(clip_id: str, path: Path, label: str, split: str) -> Clip:
     info = probe(path, clip_id)
     if not info.has_video and not info.has_audio:
         raise ClipError(clip_id, "unreadable", f"{path} has neither a video nor an audio stream.")
@@ -142,7 +142,7 @@ def scan(cfg: PrepareConfig) -> tuple[list[Clip], FailureReport]:
     for cid, path, label, split in tqdm(todo, desc="prepare", unit="clip"):
         try:
             check_clip_id(cid)
-            clips.append(_describe(cid, path, label, split))
+            clips.append(describe(cid, path, label, split))
         except ClipError as err:
             failures.add_error(err)
     labelled = [c for c in clips if c.label]

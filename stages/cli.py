@@ -4,6 +4,7 @@
     mer standins artifacts/standins              build the random-weight demo stand-ins
     mer store inspect artifacts/features/hubert
     mer status [--json]                          clips per stage: done / failed / pending / blocked
+    mer predict VIDEO [VIDEO...] [--head H] [--json]   emotion + class probabilities per video
     mer metrics [results/metrics.json]           one line per head: weighted F1, accuracy, macro F1
 """
 from __future__ import annotations
@@ -14,8 +15,10 @@ import json
 import sys
 
 from features.errors import MerError
+from features.manifest import CLASSES
 
-STAGES = ("prepare", "audio", "denoise", "asr", "faces", "embed", "train", "evaluate")
+STAGES = ("prepare", "audio", "denoise", "asr", "faces", "embed", "probe", "train", "ensemble",
+          "evaluate")
 
 
 def _inspect(argv: list[str]) -> None:
@@ -59,6 +62,39 @@ def _status(argv: list[str]) -> None:
         print(format_status(rows))
 
 
+def _predict(argv: list[str]) -> int:
+    import yaml
+    from dataclasses import asdict
+    from models.predict import predict_videos
+    p = argparse.ArgumentParser(prog="mer predict", description="Emotion of new videos with a "
+                                "trained head (run `dvc repro` first).")
+    p.add_argument("videos", nargs="+")
+    p.add_argument("--head", default="", help="trained head (default: evaluate.main_head)")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--heads", default="artifacts/heads", help="folder of trained heads")
+    p.add_argument("--work", default="artifacts/predict", help="cache folder for the new clips")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    args = p.parse_args(argv)
+    params = yaml.safe_load(open(args.params))
+    head = args.head or params.get("evaluate", {}).get("main_head", "")
+    preds = predict_videos(args.videos, params, args.heads, head, args.work)
+    if args.json:
+        print(json.dumps([{k: v for k, v in asdict(r).items() if v != "" and v != {}}
+                          for r in preds], indent=1))
+    else:
+        width = max(len(r.video) for r in preds)
+        print(f"{'video':<{width}} {'emotion':<9} " + " ".join(f"{c[:7]:>7}" for c in CLASSES))
+        for r in preds:
+            if r.error:
+                continue
+            print(f"{r.video:<{width}} {r.emotion:<9} " +
+                  " ".join(f"{r.probabilities[c]:>7.3f}" for c in CLASSES))
+    for r in preds:
+        if r.error:
+            print(f"mer predict: {r.error}", file=sys.stderr)
+    return 1 if all(r.error for r in preds) else 0
+
+
 def _metrics(argv: list[str]) -> None:
     from models.run import read_metrics
     p = argparse.ArgumentParser(prog="mer metrics", description="Out-of-fold metrics per head.")
@@ -88,7 +124,7 @@ def _standins(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = f"usage: mer {{{','.join(STAGES)},standins,store,status,metrics}} ..."
+    usage = f"usage: mer {{{','.join(STAGES)},standins,store,status,predict,metrics}} ..."
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip() + "\n\n" + usage)
         return 0
@@ -96,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if cmd in STAGES:
             importlib.import_module(f"stages.{cmd}").main(rest)
+        elif cmd == "predict":
+            return _predict(rest)
         elif cmd == "status":
             _status(rest)
         elif cmd == "metrics":

@@ -138,6 +138,23 @@ def test_adding_a_clip_computes_only_that_clip(project):
         assert len(s) == 14 and "unlab_new" not in s
 
 
+def test_predict_new_videos_and_per_file_errors(project):
+    new = project.parent / "new_clip.mp4"
+    _video(new, 330)
+    (project.parent / "broken.mp4").write_bytes(b"not a video")
+    done = subprocess.run(["mer", "predict", str(new), str(project.parent / "broken.mp4"),
+                           "missing.mp4", "--json"], cwd=project, env=_env(),
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    good, broken, missing = json.loads(done.stdout)
+    assert good["emotion"] in CLASSES and abs(sum(good["probabilities"].values()) - 1) < 1e-3
+    assert "broken.mp4" in broken["error"] and "emotion" not in broken
+    assert "no such file" in missing["error"]
+    assert "broken.mp4" in done.stderr
+    with StoreReader(project / "artifacts/predict/features/hubert") as s:
+        assert s.ids == ["new_clip"]  # the predict cache, not the corpus stores
+
+
 def _run(args: list[str], cwd: Path, env: dict | None = None) -> str:
     done = subprocess.run(args, cwd=cwd, env=env or _env(), capture_output=True, text=True)
     assert done.returncode == 0, f"{args}: " + done.stdout[-3000:] + done.stderr[-3000:]
