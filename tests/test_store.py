@@ -165,3 +165,26 @@ def test_summary_for_inspect(tmp_path):
         info = s.summary()
     assert info["clips"] == 5 and info["pooled"] == {"layers": 3, "dim": 4, "dtype": "float16"}
     assert info["per_clip"]["dtype"] == "float16" and info["shards"] == 1
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.4, 1.2])
+def test_sigkill_at_any_moment_of_an_update_leaves_a_readable_store(tmp_path, delay):
+    """Kill an update of an existing store at several moments: the store always opens (old or
+    new state, never half-written), and a rerun ends equal to a clean run."""
+    import time
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    run = lambda path, n, mode: subprocess.Popen(  # noqa: E731
+        [sys.executable, "-c", KILL_SCRIPT, str(path), str(n), mode], stdout=subprocess.PIPE,
+        text=True, env=env)
+    run(tmp_path / "s", 200, "fast").communicate()
+    proc = run(tmp_path / "s", 400, "slow")
+    proc.stdout.readline()  # the update has started
+    time.sleep(delay)
+    proc.kill()
+    proc.wait()
+    with StoreReader(tmp_path / "s") as s:
+        assert len(s) in (200, 400)
+        assert s.get(s.ids[-1]).shape == (1, 3, 8)
+    run(tmp_path / "s", 400, "fast").communicate()
+    run(tmp_path / "clean", 400, "fast").communicate()
+    _same(tmp_path / "s", tmp_path / "clean")
