@@ -38,6 +38,8 @@ FORMAT = "mer-store"
 VERSION = 2
 INDEX = "store.json"
 PARTS = ".parts"
+POOLED_CHUNK_ROWS = 128
+SUBSET_FRACTION = 0.2  # below this share of a store's clips, pooled() reads rows one by one
 _STR = h5py.string_dtype("utf-8")
 
 
@@ -86,8 +88,11 @@ def _write_shard(path: Path, kind: str, ids: list[str], keys: list[str],
             if len(pooled) != len(entries):
                 raise StoreError(f"{path}: every clip of a pooled store needs pooled vectors.")
             stacked = np.stack(pooled, axis=1)  # [L, n, D]
+            # Chunks of one layer x POOLED_CHUNK_ROWS clips: a layer for all clips is a run of
+            # adjacent chunks, and one clip's vectors cost L small chunk reads, not L whole layers.
+            rows = min(stacked.shape[1], POOLED_CHUNK_ROWS)
             h5.create_dataset("pooled", data=stacked, compression=compression,
-                              chunks=(1, stacked.shape[1], stacked.shape[2]) if stacked.size else None)
+                              chunks=(1, rows, stacked.shape[2]) if stacked.size else None)
         h5.attrs["complete"] = 1  # written last: its presence means the file is whole
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
@@ -109,15 +114,21 @@ class _Shard:
             raise StoreError(f"shard {path} is incomplete (interrupted write?); rerun its stage.")
         self.ids = [_s(x) for x in self.h5["index"][()]]
         self.keys = [_s(x) for x in self.h5["keys"][()]]
+        self.clips = self.h5["clips"]
+        self.pooled = self.h5.get("pooled")
+        self._block: np.ndarray | None = None
 
     def entry(self, i: int) -> _Entry:
-        cid = self.ids[i]
-        ds = self.h5["clips"].get(cid)
-        pooled = self.h5["pooled"][:, i] if "pooled" in self.h5 else None
+        """One clip, for copying into a new shard; the pooled block is read once per shard."""
+        ds = self.clips.get(self.ids[i])
+        if self.pooled is not None and self._block is None:
+            self._block = self.pooled[()]
+        pooled = self._block[:, i] if self._block is not None else None
         return _Entry(None if ds is None else ds[()],
                       None if ds is None else dict(ds.attrs), pooled)
 
     def close(self) -> None:
+        self._block = None
         self.h5.close()
 
 
@@ -176,10 +187,10 @@ class StoreReader:
         if clip_id not in self._where:
             raise StoreError(f"clip {clip_id!r} is not in store {self.path} "
                              f"(it may have failed upstream: see the stage's failures.json).")
-        shard = self._shards[self._where[clip_id][0]]
-        if clip_id not in shard.h5["clips"]:
+        ds = self._shards[self._where[clip_id][0]].clips.get(clip_id)
+        if ds is None:
             raise StoreError(f"clip {clip_id!r} has only pooled vectors in {self.path}.")
-        return shard.h5["clips"][clip_id]
+        return ds
 
     def get(self, clip_id: str) -> np.ndarray:
         """The per-clip array of one clip."""
@@ -190,14 +201,14 @@ class StoreReader:
 
     @property
     def has_pooled(self) -> bool:
-        return bool(self._shards) and "pooled" in self._shards[0].h5
+        return bool(self._shards) and self._shards[0].pooled is not None
 
     @property
     def pooled_shape(self) -> tuple[int, int, int]:
         """(layers, clips, dim) of the pooled matrix."""
         if not self.has_pooled:
             raise StoreError(f"store {self.path} has no pooled vectors.")
-        layers, _, dim = self._shards[0].h5["pooled"].shape
+        layers, _, dim = self._shards[0].pooled.shape
         return layers, len(self.ids), dim
 
     def pooled(self, layer: int | None = None, ids: Sequence[str] | None = None) -> np.ndarray:
@@ -205,11 +216,28 @@ class StoreReader:
         n_layers = self.pooled_shape[0]
         if layer is not None and not -n_layers <= layer < n_layers:
             raise StoreError(f"layer {layer} out of range for {self.path} ({n_layers} layers).")
+        sel = slice(None) if layer is None else layer % n_layers
+        if ids is not None and len(ids) < SUBSET_FRACTION * len(self.ids):
+            return self._pooled_rows(sel, self.rows(ids))
         if layer is not None:
-            block = np.concatenate([sh.h5["pooled"][layer % n_layers] for sh in self._shards])
+            block = np.concatenate([sh.pooled[sel] for sh in self._shards])
         else:
-            block = np.concatenate([np.moveaxis(sh.h5["pooled"][()], 0, 1) for sh in self._shards])
+            block = np.concatenate([np.moveaxis(sh.pooled[()], 0, 1) for sh in self._shards])
         return block if ids is None else block[self.rows(ids)]
+
+    def _pooled_rows(self, sel: slice | int, rows: np.ndarray) -> np.ndarray:
+        """A few clips: read each row where it lies (a whole-store read would dominate)."""
+        starts = np.cumsum([0] + [len(sh.ids) for sh in self._shards])
+        out = []
+        for r in rows:
+            s = int(np.searchsorted(starts, r, side="right")) - 1
+            row = self._shards[s].pooled[sel, int(r - starts[s])]  # [D] or [L, D]
+            out.append(row)
+        if not out:
+            layers, _, dim = self.pooled_shape
+            return np.zeros((0, dim) if isinstance(sel, int) else (0, layers, dim),
+                            self._shards[0].pooled.dtype)
+        return np.stack(out)
 
     def rows(self, ids: Iterable[str]) -> np.ndarray:
         ids = list(ids)
@@ -227,8 +255,8 @@ class StoreReader:
         if self.has_pooled:
             layers, _, dim = self.pooled_shape
             out["pooled"] = {"layers": layers, "dim": dim,
-                             "dtype": str(self._shards[0].h5["pooled"].dtype)}
-        first = next((cid for cid in self.ids if cid in self._shards[self._where[cid][0]].h5["clips"]),
+                             "dtype": str(self._shards[0].pooled.dtype)}
+        first = next((cid for cid in self.ids if cid in self._shards[self._where[cid][0]].clips),
                      None)
         if first is not None:
             ds = self._dataset(first)

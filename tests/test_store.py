@@ -188,3 +188,17 @@ def test_sigkill_at_any_moment_of_an_update_leaves_a_readable_store(tmp_path, de
     run(tmp_path / "s", 400, "fast").communicate()
     run(tmp_path / "clean", 400, "fast").communicate()
     _same(tmp_path / "s", tmp_path / "clean")
+
+
+def test_subset_reads_equal_full_reads_across_shards(tmp_path):
+    items = _items(n=300, layers=4, dim=8)
+    write_store(tmp_path / "s", "embedding", {}, items, shard_mb=0.01)
+    with StoreReader(tmp_path / "s") as s:
+        assert len({s._where[c][0] for c in s.ids}) > 3  # several shards
+        full = s.pooled()
+        for ids in (["clip7"], ["clip299", "clip0", "clip150"], [], [f"clip{i}" for i in range(0, 300, 2)]):
+            rows = s.rows(ids)
+            np.testing.assert_array_equal(s.pooled(ids=ids), full[rows])
+            np.testing.assert_array_equal(s.pooled(layer=-1, ids=ids), full[rows, -1])
+        with pytest.raises(StoreError, match="not in store"):
+            s.pooled(ids=["clip1", "nope"])
