@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from features.errors import ClipError, ConfigError
 from features.media import probe, sha256_file
-from features.reports import FailureReport
+from features.reports import FailureReport, read_json, write_json_atomic
 from features.store import check_clip_id
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,9 @@ def read_labels(path: str | os.PathLike) -> dict[str, str]:
     return labels
 
 
+PROBE_CACHE = "probes.json"  # persisted between runs (dvc.yaml: persist: true)
+
+
 def find_videos(folder: str | os.PathLike, extensions: list[str]) -> dict[str, Path]:
     """clip id (file stem) -> path for every video in `folder` (not recursive)."""
     folder = Path(folder)
@@ -113,17 +116,30 @@ def assign_folds(labels: list[str], folds: int, seed: int) -> np.ndarray:
     return out
 
 
-def describe(clip_id: str, path: Path, label: str, split: str) -> Clip:
-    info = probe(path, clip_id)
-    if not info.has_video and not info.has_audio:
-        raise ClipError(clip_id, "unreadable", f"{path} has neither a video nor an audio stream.")
-    return Clip(clip_id=clip_id, path=str(path), size=path.stat().st_size,
-                sha256=sha256_file(path), duration_s=round(float(info.duration_s), 3),
-                label=label, fold=UNLABELLED_FOLD, split=split)
+def describe(clip_id: str, path: Path, label: str, split: str,
+             cache: dict | None = None) -> Clip:
+    """Hash and probe one video; `cache` ({path|size|mtime: (sha256, duration)}) skips both."""
+    stat = path.stat()
+    key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+    if cache is not None and key in cache:
+        sha, duration = cache[key]
+    else:
+        info = probe(path, clip_id)
+        if not info.has_video and not info.has_audio:
+            raise ClipError(clip_id, "unreadable", f"{path} has neither a video nor an audio stream.")
+        sha, duration = sha256_file(path), round(float(info.duration_s), 3)
+    if cache is not None:
+        cache[key] = (sha, duration)
+    return Clip(clip_id=clip_id, path=str(path), size=stat.st_size, sha256=sha,
+                duration_s=duration, label=label, fold=UNLABELLED_FOLD, split=split)
 
 
-def scan(cfg: PrepareConfig) -> tuple[list[Clip], FailureReport]:
-    """All clips of the corpus with hashes and folds, plus the clips that could not be read."""
+def scan(cfg: PrepareConfig, cache: dict | None = None) -> tuple[list[Clip], FailureReport]:
+    """All clips of the corpus with hashes and folds, plus the clips that could not be read.
+
+    `cache` maps path|size|mtime to an earlier (sha256, duration): unchanged files are not
+    re-read, which keeps adding a few clips to a large corpus cheap. Entries are added in place.
+    """
     labels = read_labels(cfg.labels)
     videos = find_videos(cfg.videos, cfg.extensions)
     unlabelled = find_videos(cfg.unlabelled, cfg.extensions) if cfg.unlabelled else {}
@@ -142,7 +158,7 @@ def scan(cfg: PrepareConfig) -> tuple[list[Clip], FailureReport]:
     for cid, path, label, split in tqdm(todo, desc="prepare", unit="clip"):
         try:
             check_clip_id(cid)
-            clips.append(describe(cid, path, label, split))
+            clips.append(describe(cid, path, label, split, cache))
         except ClipError as err:
             failures.add_error(err)
     labelled = [c for c in clips if c.label]
@@ -174,10 +190,16 @@ def read_manifest(path: str | os.PathLike) -> list[Clip]:
 
 def prepare(cfg: PrepareConfig, out_dir: str | os.PathLike) -> list[Clip]:
     """The prepare stage: write ``manifest.csv`` and ``failures.json`` into `out_dir`."""
-    clips, failures = scan(cfg)
+    out = Path(out_dir)
+    cache_path = out / PROBE_CACHE
+    old = read_json(cache_path).get("probes", {}) if cache_path.is_file() else {}
+    cache = {k: tuple(v) for k, v in old.items()}
+    clips, failures = scan(cfg, cache)
     if not clips:
         raise ConfigError(f"no readable video in {cfg.videos}; check prepare.videos and extensions.")
-    out = Path(out_dir)
     write_manifest(out / "manifest.csv", clips)
     failures.write(out / "failures.json")
+    used = {f"{c.path}|{c.size}|" for c in clips}
+    write_json_atomic(cache_path, {"probes": {k: v for k, v in cache.items()
+                                              if k.rsplit("|", 1)[0] + "|" in used}})
     return clips

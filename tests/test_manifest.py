@@ -81,3 +81,29 @@ def test_id_in_both_folders_is_an_error(tmp_path, one_video):
     cfg = _corpus(tmp_path, one_video, labels, unlabelled=["c1"])
     with pytest.raises(ConfigError, match="both in"):
         prepare(cfg, tmp_path / "out")
+
+
+def test_probe_cache_skips_unchanged_files_and_catches_changed_ones(tmp_path, one_video, monkeypatch):
+    import os
+
+    import features.manifest as manifest
+    labels = {f"c{i}": CLASSES[i % 6] for i in range(18)}
+    cfg = _corpus(tmp_path, one_video, labels)
+    prepare(cfg, tmp_path / "out")
+    first = (tmp_path / "out/manifest.csv").read_text()
+    probed = []
+    real = manifest.probe
+    monkeypatch.setattr(manifest, "probe", lambda p, cid=None: probed.append(cid) or real(p, cid))
+    prepare(cfg, tmp_path / "out")
+    assert probed == [] and (tmp_path / "out/manifest.csv").read_text() == first
+    # A file replaced in place (new content, new mtime) is re-read: a miss, never a stale hit.
+    target = tmp_path / "video/c4.mp4"
+    _video(target, seconds=0.8)
+    os.utime(target, ns=(1, 2))
+    prepare(cfg, tmp_path / "out")
+    assert probed == ["c4"]
+    clips = {c.clip_id: c for c in read_manifest(tmp_path / "out/manifest.csv")}
+    assert clips["c4"].duration_s > 0.7 and clips["c4"].sha256 != clips["c3"].sha256
+    (tmp_path / "video/c5.mp4").unlink()  # removed clips leave the cache
+    prepare(cfg, tmp_path / "out")
+    assert not any("/c5.mp4|" in k for k in manifest.read_json(tmp_path / "out/probes.json")["probes"])
