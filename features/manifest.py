@@ -32,7 +32,6 @@ class PrepareConfig:
     videos: str                          # folder of (labelled and test) videos
     labels: str                          # CSV name,discrete[,valence]
     unlabelled: str = ""                 # optional folder of unlabelled videos
-    transcripts: str = ""                # optional CSV name,text (used by the asr stage)
     folds: int = 5                       # stratified cross-validation folds over labelled clips
     seed: int = 0                        # fold assignment seed
     extensions: list[str] = field(default_factory=lambda: [".mp4", ".avi", ".mkv", ".mov", ".webm"])

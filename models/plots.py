@@ -45,3 +45,41 @@ def confusion_rows(y_true: Sequence[int], y_pred: Sequence[int]) -> list[dict[st
     """One {"actual", "predicted"} record per clip, class names in CLASSES order."""
     return [{"actual": CLASSES[int(t)], "predicted": CLASSES[int(p)]}
             for t, p in zip(y_true, y_pred, strict=True)]
+
+
+def plot_layer_curve(weighted_f1: Sequence[float], accuracy: Sequence[float],
+                     layer_weights: Sequence[float] | None, path_png: str | Path, title: str,
+                     featurizer_f1: float | None = None) -> Path:
+    """Layer-versus-score curve of a probe per layer, the best layer marked; below it, the learnt
+    softmax layer weights as bars (with the weighted probe's score as a dashed line above)."""
+    layers = np.arange(len(weighted_f1))
+    rows = 2 if layer_weights is not None else 1
+    fig = Figure(figsize=(7.2, 3.4 * rows), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(rows, 1, 1)
+    ax.plot(layers, weighted_f1, marker="o", ms=3, label="weighted F1")
+    ax.plot(layers, accuracy, marker=".", ms=3, alpha=0.6, label="accuracy")
+    best = int(np.argmax(weighted_f1))
+    ax.axvline(best, color="tab:red", ls=":", lw=1)
+    ax.annotate(f"best layer {best}: {weighted_f1[best]:.3f}", (best, weighted_f1[best]),
+                textcoords="offset points", xytext=(6, 6), fontsize=8, color="tab:red")
+    if featurizer_f1 is not None:
+        ax.axhline(featurizer_f1, color="tab:green", ls="--", lw=1,
+                   label=f"learnt layer weighting: {featurizer_f1:.3f}")
+    ax.set_xlabel("layer (0 = embedding output)")
+    ax.set_ylabel("out-of-fold score")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(alpha=0.3)
+    if layer_weights is not None:
+        bx = fig.add_subplot(rows, 1, 2, sharex=ax)
+        bx.bar(layers, layer_weights, color="tab:green", alpha=0.7)
+        bx.axhline(1 / len(layers), color="grey", ls=":", lw=1, label="uniform")
+        bx.set_xlabel("layer")
+        bx.set_ylabel("softmax weight (mean of folds)")
+        bx.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path_png)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path

@@ -29,7 +29,7 @@ from features.reports import read_json
 from features.status import MEDIA_STAGES
 from models.config import CLASSES
 from models.run import BUNDLE, load_pooled
-from models.train import head_inputs, load_bundle
+from models.train import head_inputs, load_bundle, select_layer
 
 _STAGE_OF = {out: stage for stage, (out, _, _) in MEDIA_STAGES.items()}
 _NEEDS = {"audio": [], "denoise": ["audio"], "asr": ["denoise"], "faces": []}
@@ -48,7 +48,7 @@ def predict_videos(videos: list[str], params: Mapping, heads_dir: str | os.PathL
                    work_dir: str | os.PathLike = "artifacts/predict") -> list[Prediction]:
     """One Prediction per video, in order; stage progress goes to stderr."""
     work = Path(work_dir)
-    predictor = load_bundle(Path(heads_dir) / head / BUNDLE)
+    predictor = load_head(Path(heads_dir) / head)
     preds, clips = _describe_all(videos)
     with contextlib.redirect_stdout(sys.stderr):
         failed = _run_stages(clips, predictor.cfg.features, params, work) if clips else {}
@@ -57,8 +57,7 @@ def predict_videos(videos: list[str], params: Mapping, heads_dir: str | os.PathL
         if pred.clip_id in failed:
             pred.error = failed[pred.clip_id]
     if ok:
-        pooled, have, _ = load_pooled(work / "features", predictor.cfg.features, ok)
-        probs = predictor.predict_proba(head_inputs(pooled, predictor.cfg))
+        have, probs = predictor.predict(work / "features", ok)
         by_id = {c.clip_id: p for c, p in zip(have, probs)}
         for pred in preds:
             if pred.clip_id in by_id:
@@ -68,6 +67,56 @@ def predict_videos(videos: list[str], params: Mapping, heads_dir: str | os.PathL
             elif not pred.error and pred.clip_id:
                 pred.error = "no features were produced; see the stage messages above"
     return preds
+
+
+class HeadPredictor:
+    """Any trained head folder (pooled, frame-level or LightGBM) behind one `predict`."""
+
+    def __init__(self, head_dir: Path, probe_dir: str | os.PathLike = "artifacts/probe"):
+        from models.run import GBDT_BUNDLE
+        self.probe_dir = Path(probe_dir)
+        if (head_dir / GBDT_BUNDLE).is_file():
+            from models.gbdt import load_gbdt_bundle
+            self.kind, self.model = "pooled", load_gbdt_bundle(head_dir / GBDT_BUNDLE)
+        elif _bundle_format(head_dir / BUNDLE).startswith("mer-frame-bundle"):
+            from models.sequence import load_frame_bundle
+            self.kind, self.model = "frames", load_frame_bundle(head_dir / BUNDLE)
+        else:
+            self.kind, self.model = "pooled", load_bundle(head_dir / BUNDLE)
+        self.cfg = self.model.cfg
+
+    def predict(self, features_dir: Path, clips: list[Clip]) -> tuple[list[Clip], np.ndarray]:
+        """The clips every needed store has, and their [N, C] probabilities."""
+        pooled, have, _ = load_pooled(features_dir, self.cfg.features, clips)
+        if not have:
+            return [], np.zeros((0, len(CLASSES)), np.float32)
+        if self.kind == "frames":
+            from models.sequence import load_frames
+            frames = load_frames(features_dir, self.cfg.features, [c.clip_id for c in have],
+                                 self.cfg.frames_layer, self.cfg.max_frames)
+            return have, self.model.predict_proba(frames)
+        if self.cfg.layer == "best":  # chosen by the probe stage when the head was trained
+            from models.probing import best_layer
+            x = {n: select_layer(pooled[n], best_layer(self.probe_dir, n)) for n in self.cfg.features}
+        else:
+            x = head_inputs(pooled, self.cfg)
+        return have, self.model.predict_proba(x)
+
+
+def load_head(head_dir: str | os.PathLike) -> HeadPredictor:
+    head_dir = Path(head_dir)
+    if not head_dir.is_dir():
+        raise MerError(f"no trained head at {head_dir}; run `dvc repro` first or pick one with "
+                       f"--head (trained: {sorted(p.name for p in head_dir.parent.glob('*/'))}).")
+    return HeadPredictor(head_dir)
+
+
+def _bundle_format(path: Path) -> str:
+    import torch
+    try:
+        return str(torch.load(path, map_location="cpu", weights_only=True).get("format", ""))
+    except Exception:  # noqa: BLE001 - load_bundle below gives the clear error
+        return ""
 
 
 def _describe_all(videos: list[str]) -> tuple[list[Prediction], list[Clip]]:

@@ -16,10 +16,11 @@ import numpy as np
 from features.manifest import Clip, read_manifest
 from features.reports import FailureReport, read_json, write_json_atomic
 from features.store import StoreReader
-from models.config import CLASSES, HeadConfig, TrainConfig
+from models.config import CLASSES, FRAME_HEAD_TYPES, GBDT_TYPES, HeadConfig, TrainConfig
 from models.metrics import compute_metrics
 from models.plots import confusion_rows, plot_confusion
-from models.train import cross_validate, head_inputs, save_bundle
+from models.probing import best_layer
+from models.train import cross_validate, head_inputs, save_bundle, select_layer
 
 
 
@@ -30,6 +31,7 @@ class EvaluateConfig:
 
 
 PREDICTIONS, BUNDLE, HISTORY = "predictions.csv", "model.pt", "history.json"
+GBDT_BUNDLE = "model.lgbm.json"  # LightGBM heads (models.gbdt)
 
 
 def load_pooled(features_dir: str | os.PathLike, names: list[str],
@@ -48,8 +50,15 @@ def load_pooled(features_dir: str | os.PathLike, names: list[str],
 
 
 def train_head(name: str, cfg: HeadConfig, train_cfg: TrainConfig, manifest: str | os.PathLike,
-               features_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """k-fold train one head; write model.pt, predictions.csv, history.json and failures.json."""
+               features_dir: str | os.PathLike, out_dir: str | os.PathLike,
+               probe_dir: str | os.PathLike = "artifacts/probe") -> Path:
+    """k-fold train one head; write model.pt, predictions.csv, history.json and failures.json.
+
+    `probe_dir` is read only for `layer: best` (each encoder's probe best.json).
+    """
+    if cfg.type in FRAME_HEAD_TYPES:  # agt, joint_at: frame-level inputs (models/sequence.py)
+        from models.sequence import train_frame_head
+        return train_frame_head(name, cfg, train_cfg, manifest, features_dir, out_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pooled, clips, lacking = load_pooled(features_dir, cfg.features, read_manifest(manifest))
@@ -57,14 +66,22 @@ def train_head(name: str, cfg: HeadConfig, train_cfg: TrainConfig, manifest: str
     for c in lacking:
         failures.add(c.clip_id, "missing_features", f"not in every store of {cfg.features}; "
                      f"see the upstream stages' failures.json.")
-    inputs = head_inputs(pooled, cfg)
+    inputs = (head_inputs(pooled, cfg) if cfg.layer != "best" else
+              {n: select_layer(pooled[n], best_layer(probe_dir, n)) for n in cfg.features})
     lab = np.array([bool(c.label) for c in clips])
     y = np.array([CLASSES.index(c.label) for c in clips if c.label])
     test = {n: a[~lab] for n, a in inputs.items()} if (~lab).any() else None
     folds = np.array([c.fold for c in clips if c.label])  # one split shared by every head
-    result = cross_validate({n: a[lab] for n, a in inputs.items()}, y, cfg, train_cfg,
-                            test_features=test, folds=folds)
-    save_bundle(out / BUNDLE, result, cfg, {n: a.shape[1] for n, a in inputs.items()})
+    dims = {n: a.shape[1] for n, a in inputs.items()}
+    if cfg.type in GBDT_TYPES:  # LightGBM (models/gbdt.py): same folds, same outputs
+        from models.gbdt import cross_validate_gbdt, save_gbdt_bundle
+        result, models = cross_validate_gbdt({n: a[lab] for n, a in inputs.items()}, y, cfg,
+                                             folds, train_cfg.seed, test_features=test)
+        save_gbdt_bundle(out / GBDT_BUNDLE, models, cfg, dims)
+    else:
+        result = cross_validate({n: a[lab] for n, a in inputs.items()}, y, cfg, train_cfg,
+                                test_features=test, folds=folds)
+        save_bundle(out / BUNDLE, result, cfg, dims)
     labelled = [c for c in clips if c.label]
     unlabelled = [c for c in clips if not c.label]
     _write_predictions(out / PREDICTIONS, labelled, result.oof_probs, result.fold_of,
@@ -94,12 +111,27 @@ def read_predictions(path: str | os.PathLike) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
-def evaluate(heads_dir: str | os.PathLike, main_head: str, out_dir: str | os.PathLike) -> dict:
-    """metrics.json over every trained head (out-of-fold), confusion plot data + PNG of one head."""
+def _scored(*folders: str | os.PathLike | None) -> dict[str, Path]:
+    """name -> predictions.csv of every trained head / ensemble under the given folders."""
+    found: dict[str, Path] = {}
+    for folder in (Path(f) for f in folders if f is not None):
+        for sub in sorted(folder.iterdir()) if folder.is_dir() else []:
+            if (sub / PREDICTIONS).is_file():
+                if sub.name in found:
+                    raise KeyError(f"{sub.name!r} names both a head and an ensemble; rename one "
+                                   f"in params.yaml (train.heads / ensemble).")
+                found[sub.name] = sub / PREDICTIONS
+    return found
+
+
+def evaluate(heads_dir: str | os.PathLike, main_head: str, out_dir: str | os.PathLike,
+             ensembles_dir: str | os.PathLike | None = None) -> dict:
+    """metrics.json over every trained head and ensemble (out-of-fold), confusion of one of them."""
     heads_dir, out = Path(heads_dir), Path(out_dir)
     metrics, confusion = {}, None
-    for head in sorted(p.name for p in heads_dir.iterdir() if (p / PREDICTIONS).is_file()):
-        rows = [r for r in read_predictions(heads_dir / head / PREDICTIONS) if r["split"] == "labelled"]
+    scored = _scored(heads_dir, ensembles_dir)
+    for head, path in scored.items():
+        rows = [r for r in read_predictions(path) if r["split"] == "labelled"]
         y = np.array([CLASSES.index(r["label"]) for r in rows])
         probs = np.array([[float(r[c]) for c in CLASSES] for r in rows])
         m = compute_metrics(y, probs)
@@ -112,7 +144,9 @@ def evaluate(heads_dir: str | os.PathLike, main_head: str, out_dir: str | os.Pat
     if confusion is None:
         raise KeyError(f"evaluate.main_head {main_head!r} was not trained; trained heads: "
                        f"{sorted(metrics)}. Fix evaluate.main_head in params.yaml.")
-    write_json_atomic(out / "metrics.json", {"main_head": main_head, "heads": metrics})
+    ensembles = sorted(h for h, p in scored.items() if p.parent.parent != heads_dir)
+    write_json_atomic(out / "metrics.json", {"main_head": main_head, "heads": metrics,
+                                             "ensembles": ensembles})
     write_json_atomic(out / "confusion.json", confusion_rows(confusion[1], confusion[2]))
     plot_confusion(confusion[0], out / "confusion.png",
                    f"{main_head}: out-of-fold confusion ({len(confusion[1])} clips)")
@@ -121,3 +155,51 @@ def evaluate(heads_dir: str | os.PathLike, main_head: str, out_dir: str | os.Pat
 
 def read_metrics(path: str | os.PathLike) -> dict:
     return read_json(path)
+
+
+def log_training(head_dir: str | os.PathLike, live_dir: str | os.PathLike) -> Path:
+    """dvclive files of one trained head (any type) from its history.json and predictions.csv.
+
+    Step = epoch (boosting round for LightGBM): ``train_loss`` is the mean over folds, and
+    ``fold<k>/train_loss`` each fold's; the summary holds the out-of-fold weighted F1 and
+    accuracy. ``dvcyaml=False``: dvc.yaml declares the files (metrics.json, plots/metrics).
+    """
+    from dvclive import Live
+
+    head_dir = Path(head_dir)
+    history = read_json(head_dir / HISTORY).get("train_loss", []) \
+        if (head_dir / HISTORY).is_file() else []
+    rows = [r for r in read_predictions(head_dir / PREDICTIONS) if r["split"] == "labelled"]
+    y = np.array([CLASSES.index(r["label"]) for r in rows])
+    m = compute_metrics(y, np.array([[float(r[c]) for c in CLASSES] for r in rows]))
+    with _live(live_dir) as live:
+        for epoch in range(min((len(h) for h in history), default=0)):
+            live.log_metric("train_loss", float(np.mean([h[epoch] for h in history])))
+            for fold, h in enumerate(history):
+                live.log_metric(f"fold{fold}/train_loss", float(h[epoch]))
+            live.next_step()
+        for key in ("weighted_f1", "accuracy", "macro_f1"):
+            live.summary[key] = m[key]
+        live.summary["clips"] = len(rows)
+    return Path(live_dir)
+
+
+def _live(live_dir: str | os.PathLike):
+    """dvclive.Live writing only files (dvc.yaml declares them; no experiment is saved).
+
+    dvclive 3.x raises SCMError from `git rev-parse HEAD` in a git repo without commits (a fresh
+    `git init`); the files do not need git, so retry without the repo lookup.
+    """
+    from unittest import mock
+
+    from dvclive import Live
+    from dvclive import live as live_module
+
+    kwargs = dict(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None)
+    try:
+        return Live(**kwargs)
+    except Exception as err:  # noqa: BLE001 - only the empty-repo case is retried
+        if type(err).__name__ != "SCMError":
+            raise
+        with mock.patch.object(live_module, "get_dvc_repo", lambda: None):
+            return Live(**kwargs)

@@ -1,4 +1,5 @@
-"""DVC stage `evaluate`: metrics.json (weighted F1, accuracy, per-class F1) and a confusion plot."""
+"""DVC stage `evaluate`: metrics.json (weighted F1, accuracy, per-class F1) of every head and
+ensemble, and a confusion plot of the main one."""
 import json
 
 from features.config import from_section
@@ -9,11 +10,12 @@ from stages.common import load_params, parser, setup
 def main(argv=None) -> None:
     p = parser(__doc__)
     p.add_argument("--heads", required=True, help="folder of trained heads")
+    p.add_argument("--ensembles", default=None, help="folder of ensembles (scored like heads)")
     p.add_argument("--out", required=True, help="output folder for metrics and plots")
     args = p.parse_args(argv)
     setup()
     cfg = from_section(EvaluateConfig, load_params("evaluate", args.params), "evaluate")
-    metrics = evaluate(args.heads, cfg.main_head, args.out)
+    metrics = evaluate(args.heads, cfg.main_head, args.out, args.ensembles)
     width = max(len(h) for h in metrics)
     print(f"{'head':<{width}}  weighted_f1  accuracy  (out-of-fold, labelled clips)")
     for head, m in metrics.items():

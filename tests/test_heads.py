@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from features.errors import ConfigError
-from models.config import CLASSES, HEAD_TYPES, HeadConfig, train_config
+from models.config import CLASSES, FRAME_HEAD_TYPES, HEAD_TYPES, HeadConfig, train_config
 from models.heads import HEADS, AttentionHead, Dropout, Linear, build_head
 
 DIMS = {"hubert": 12, "clip": 7, "minilm": 5}
@@ -15,7 +15,10 @@ def _batch(n=4, dims=DIMS):
 
 
 def test_registry_matches_config_types():
-    assert sorted(HEADS) == sorted(HEAD_TYPES)
+    """Pooled heads are in HEADS, frame-level ones in models.sequence (tests/test_sequence.py)."""
+    assert not set(HEADS) & set(FRAME_HEAD_TYPES)
+    assert set(HEADS) | set(FRAME_HEAD_TYPES) <= set(HEAD_TYPES)
+    assert {"probe", "attention", "concat", "token_attention"} <= set(HEADS)
 
 
 @pytest.mark.parametrize("head_type", sorted(HEADS))
@@ -83,6 +86,11 @@ def test_unknown_head_type_lists_known_names():
         train_config({"heads": {"x": {"type": "transformer", "features": ["hubert"]}}})
     with pytest.raises(ConfigError, match="train.heads.x"):
         train_config({"heads": {"x": {"type": "transformer", "features": ["hubert"]}}})
+
+
+def test_frame_head_types_are_not_built_here():
+    with pytest.raises(ConfigError, match="frame-level"):
+        build_head(HeadConfig(type="agt", features=["hubert", "clip"]), {"hubert": 4, "clip": 4})
 
 
 def test_missing_feature_dim_is_a_config_error():

@@ -42,6 +42,8 @@ def _tiny_params(models: dict) -> dict:
         "probe_hubert": {"type": "probe", "features": ["hubert"], "layer": "mean", "epochs": 3},
         "attention": {"type": "attention", "features": ["hubert", "minilm"], "epochs": 3},
     }
+    params["probe"].update(epochs=3)
+    params["ensemble"] = {"vote": {"method": "soft", "heads": ["probe_hubert", "attention"]}}
     return params
 
 
@@ -56,6 +58,7 @@ def project(tmp_path_factory):
     shutil.copy(ROOT / "dvc.yaml", proj / "dvc.yaml")
     shutil.copy(ROOT / ".gitignore", proj / ".gitignore")
     (proj / "data/video").mkdir(parents=True)
+    shutil.copy(ROOT / "data/no_transcripts.csv", proj / "data/no_transcripts.csv")
     (proj / "data/unlabelled").mkdir()
     rows = []
     for i in range(12):
@@ -95,7 +98,8 @@ def _ran(log: str) -> set[str]:
 def test_repro_builds_everything_then_noop_then_only_what_changed(project):
     first = _ran(_repro(project))
     assert {"prepare", "audio", "denoise", "asr", "faces", "embed@hubert", "embed@minilm",
-            "train@probe_hubert", "train@attention", "evaluate"} <= first
+            "train@probe_hubert", "train@attention", "probe@hubert", "probe@minilm",
+            "ensemble@vote", "evaluate"} <= first
 
     with StoreReader(project / "artifacts/audio/audio", kind="audio") as s:
         assert len(s) == 14 and s.get("clip_00").dtype.name == "float32"
@@ -104,7 +108,8 @@ def test_repro_builds_everything_then_noop_then_only_what_changed(project):
         layers, n, dim = s.pooled_shape
         assert n == 14 and layers == s.meta["num_layers"] and s.get("clip_00").shape[0] == 1
     metrics = json.loads((project / "results/metrics.json").read_text())
-    assert set(metrics["heads"]) == {"probe_hubert", "attention"}
+    assert set(metrics["heads"]) == {"probe_hubert", "attention", "vote"}
+    assert metrics["ensembles"] == ["vote"]
     assert 0.0 <= metrics["heads"]["attention"]["weighted_f1"] <= 1.0
     assert (project / "results/confusion.png").stat().st_size > 1000
 
