@@ -3,18 +3,23 @@
 Inputs by family: speech reads an audio store (PCM), vision a faces store (uint8 crops), text the
 asr stage's transcripts.json. The output keeps a pooled vector per layer for every clip
 (``/pooled`` [L, N, D]) and frame-level states for ``layers_frames`` (``/clips/<id>`` [K, T, D]).
+The work runs on `features.engine.Engine` (loading, compute and writes overlapped); under
+torchrun (WORLD_SIZE > 1) each rank encodes its share into its own store and rank 0 merges
+them into `out_path` (`features.distributed`).
 """
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Any
 
 import numpy as np
 
-from features.clips import for_each_clip
+from features import distributed as dist
 from features.encoders import EncoderConfig, load_encoder
-from features.errors import ClipError, ConfigError
+from features.engine import Engine
+from features.errors import ConfigError, MerError
 from features.extract import read_transcripts
 from features.reports import FailureReport
 from features.store import StoreReader, StoreUpdate, clip_key
@@ -30,76 +35,124 @@ def store_dtype(cfg: EncoderConfig) -> np.dtype:
 
 
 class Inputs:
-    """The encoder's input clips: ids, upstream cache keys, and a loader for one item."""
+    """The encoder's input clips: ids, upstream cache keys, and `load(clip_id)` for one item.
+
+    Picklable and fork-safe: each process (loader workers included) opens its own reader.
+    """
 
     def __init__(self, cfg: EncoderConfig, path: str | os.PathLike):
-        self._reader = None
+        self.family, self.path = cfg.family, str(path)
+        self._texts: dict | None = None
+        self._reader: StoreReader | None = None
+        self._pid = -1
         if cfg.family == "text":
-            texts = read_transcripts(path)
-            self.keys = {cid: t["key"] for cid, t in texts.items()}
-            self.load = lambda cid: texts[cid]["text"]
+            self._texts = read_transcripts(path)
+            self.keys = {cid: t["key"] for cid, t in self._texts.items()}
         elif cfg.family in INPUT_KIND:
-            self._reader = StoreReader(path, kind=INPUT_KIND[cfg.family])
-            self.keys = dict(self._reader.keys)
-            self.load = self._reader.get
+            with StoreReader(path, kind=INPUT_KIND[cfg.family]) as reader:
+                self.keys = dict(reader.keys)
         else:
             raise ConfigError(f"encoder family {cfg.family!r} has no input reader; "
                               f"known: {sorted([*INPUT_KIND, 'text'])}.")
 
+    def load(self, clip_id: str) -> Any:
+        if self._texts is not None:
+            return self._texts[clip_id]["text"]
+        if self._reader is None or self._pid != os.getpid():  # HDF5 handles do not survive fork
+            self._reader = StoreReader(self.path, kind=INPUT_KIND[self.family])
+            self._pid = os.getpid()
+        return self._reader.get(clip_id)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_reader": None, "_pid": -1}
+
     def close(self) -> None:
-        if self._reader is not None:
+        if self._reader is not None and self._pid == os.getpid():
             self._reader.close()
-
-
-def batched(items: list, size: int) -> Iterator[list]:
-    for i in range(0, len(items), max(size, 1)):
-        yield items[i:i + size]
+        self._reader = None
 
 
 def embed_store(name: str, cfg: EncoderConfig, input_path: str | os.PathLike,
-                out_path: str | os.PathLike) -> Path:
+                out_path: str | os.PathLike, workers: int | None = None) -> Path:
     """Encode the clips of `input_path` that have no cached result; write the store at `out_path`.
 
     A clip's cache key is its upstream key plus the encoder's fingerprint (model, weights hash,
     layers, pooling, dtype, code version), so any change to those recomputes every clip and
-    nothing else ever does. Finished batches are persisted at once (the resume point).
+    nothing else ever does. Finished work is persisted every CHECKPOINT_S seconds (the resume
+    point). Under torchrun each rank takes every WORLD_SIZE-th clip still to do.
     """
-    encoder = load_encoder(cfg)
+    _, world = dist.rank_and_world()
+    dist.init()
+    encoder = load_encoder(dist.rank_config(cfg))
     inputs = Inputs(cfg, input_path)
     out_path = Path(out_path)
-    failures = FailureReport(f"embed@{name}")
     dtype = store_dtype(cfg)
     fp = encoder.fingerprint()
     meta = {"encoder": name, "fingerprint": fp, "layers_frames": cfg.layers_frames,
             "num_layers": encoder.num_layers, "hidden_size": encoder.hidden_size,
             "store_dtype": dtype.name}
     wanted = {cid: clip_key("embed", key, fp, dtype.name) for cid, key in inputs.keys.items()}
+    failures = FailureReport(f"embed@{name}")
     try:
-        with StoreUpdate(out_path, "embedding", meta, wanted) as up:
-            print(f"[embed {name}] {len(wanted)} clips: {up.reused} cached, {len(up.todo)} to encode")
-
-            def work(_, ids):
-                batch = [(cid, inputs.load(cid)) for cid in ids]
-                for cid, enc in zip(ids, _encode_isolated(encoder, batch)):
-                    if isinstance(enc, ClipError):
-                        failures.add_error(enc)
-                        continue
-                    up.add(cid, enc.frames.astype(dtype), pooled=enc.pooled.astype(dtype),
-                           attrs={"layers": np.asarray(cfg.layers_frames, dtype=np.int64)})
-                up.checkpoint()  # a killed run loses at most the batch in flight
-            batches = [(f"batch{i}", ids) for i, ids in enumerate(batched(up.todo, cfg.batch_size))]
-            for_each_clip(batches, work, failures, f"embed[{name}] batches", total=len(batches))
+        if world == 1:
+            _encode_into(out_path, meta, wanted, encoder, inputs, failures, name, workers)
+        else:
+            _encode_sharded(out_path, meta, wanted, encoder, inputs, failures, name, workers)
     finally:
         inputs.close()
-    failures.write(out_path.parent / f"{out_path.name}.failures.json")
     return out_path
 
 
-def _encode_isolated(encoder, batch: list) -> list:
-    """Encode a batch; if it fails, retry clip by clip so one bad clip fails alone."""
+def _encode_into(path: Path, meta: dict, wanted: dict, encoder, inputs: Inputs,
+                 failures: FailureReport, name: str, workers: int | None,
+                 shown: tuple[int, int] | None = None, report: Path | None = None) -> None:
+    """One StoreUpdate at `path` for `wanted`, computed by the engine."""
+    dtype = np.dtype(meta["store_dtype"])
+    attrs = {"layers": np.asarray(meta["layers_frames"], dtype=np.int64)}
+    with StoreUpdate(path, "embedding", meta, wanted) as up:
+        cached, todo = shown or (up.reused, len(up.todo))
+        print(f"[embed {name}] {len(wanted) if shown is None else cached + todo} clips: "
+              f"{cached} cached, {todo} to encode")
+
+        def sink(cid, enc):  # called from the engine's writer thread only
+            up.add(cid, enc.frames.astype(dtype), pooled=enc.pooled.astype(dtype), attrs=attrs)
+
+        engine = Engine(encoder, workers=workers, desc=f"embed[{name}]")
+        summary = engine.run(up.todo, inputs.load, sink, failures.add_error, tick=up.checkpoint,
+                             tick_s=dist.checkpoint_seconds())
+        if summary.clips and not summary.done:
+            first = failures.items[0] if failures.items else None
+            raise MerError(f"embed[{name}]: every one of {summary.clips} clips failed; first: "
+                           f"{first.clip_id if first else '?'}: {first.message if first else '?'}")
+    failures.write(report or path.parent / f"{path.name}.failures.json")
+
+
+def _encode_sharded(out: Path, meta: dict, wanted: dict, encoder, inputs: Inputs,
+                    failures: FailureReport, name: str, workers: int | None) -> None:
+    """This rank's share into its own store; then rank 0 merges every rank store into `out`."""
+    rank, world = dist.rank_and_world()
+    todo = dist.still_to_do(out, wanted)
+    share = {cid: wanted[cid] for cid in dist.shard(todo, rank, world)}
+    mine = dist.rank_store(out, rank, world)
     try:
-        return encoder.encode([item for _, item in batch])
-    except Exception as err:  # noqa: BLE001 - find the culprit below
-        if len(batch) == 1:
-            return [ClipError(batch[0][0], "encode_failed", f"{type(err).__name__}: {err}")]
-        return [_encode_isolated(encoder, [b])[0] for b in batch]
+        _encode_into(mine, meta, share, encoder, inputs, failures, f"{name} rank {rank}/{world}",
+                     workers, shown=(len(wanted) - len(todo), len(share)),
+                     report=mine.parent / f"{mine.name}.failures.json")
+    finally:
+        dist.barrier()  # every rank store is finished (or this rank failed) before merging
+    if rank == 0:
+        print(f"[embed {name}] {len(wanted)} clips: {len(wanted) - len(todo)} cached, "
+              f"{len(todo)} to encode")
+        dist.merge(out, "embedding", meta, wanted, dist.rank_stores(out, world))
+        _merge_failures(out, name, world)
+        shutil.rmtree(dist.ranks_dir(out), ignore_errors=True)
+    dist.barrier()
+
+
+def _merge_failures(out: Path, name: str, world: int) -> None:
+    merged = FailureReport(f"embed@{name}")
+    for store in dist.rank_stores(out, world):
+        report = store.parent / f"{store.name}.failures.json"
+        if report.is_file():
+            merged.items.extend(FailureReport.read(report))
+    merged.write(out.parent / f"{out.name}.failures.json")

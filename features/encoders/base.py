@@ -22,13 +22,14 @@ from packaging.version import Version
 from tqdm.auto import tqdm
 
 from features.config import resolve_model_path
-from features.encoders.pooling import check_pooling, pool
+from features.encoders.pooling import check_pooling, span_picks, span_pool, spans_to_mask
 from features.errors import ConfigError, ModelLoadError
 
 # Bump when a change here alters the numbers an encoder returns (part of every fingerprint).
-CODE_VERSION = "encoders-1"
+CODE_VERSION = "encoders-2"  # 2: long speech clips are chunked, not cut
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_CHOICES = (*DTYPES, "auto")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 # Weights nothing here reads (heads, poolers, pretraining-only parameters): missing is fine.
 UNUSED_WEIGHTS = ("pooler.", "masked_spec_embed", "lm_head.", "visual_projection", "text_projection")
@@ -43,10 +44,10 @@ class EncoderConfig:
     gguf_file: str = ""  # text family: load a GGUF through transformers gguf_file=
     layers_frames: list[int] = field(default_factory=lambda: [-1])  # negative = from the end
     pooling: str = "mean"  # mean | cls | last (last valid token, causal LMs); vision: cls | mean
-    dtype: str = "float32"  # float32 | float16 | bfloat16
+    dtype: str = "float32"  # float32 | float16 | bfloat16 | auto (GPU: bf16, else fp16; CPU: fp32)
     device: str = "cpu"  # cpu | cuda | auto
     batch_size: int = 8
-    max_seconds: float = 30.0  # speech: longer clips keep their first max_seconds
+    max_seconds: float = 600.0  # speech: longer clips keep their first max_seconds (then chunked)
     trust_remote_code: bool = False
     input: str = ""  # the store this encoder reads; used by the stage only
     store_dtype: str = "float16"  # float16 | float32: dtype of the stored vectors (fp16 halves disk)
@@ -71,9 +72,17 @@ def register(family: str) -> Callable[[type[Encoder]], type[Encoder]]:
 
 
 class Encoder(ABC):
-    """Loads a model once; `encode` batches clips so padding never changes a clip's features."""
+    """Loads a model once; `encode` batches clips so padding never changes a clip's features.
+
+    Work is split in three steps so an engine can run them in different places at once:
+    `prepare(item)` (CPU, picklable output: runs in loader worker processes) turns one clip into
+    one or more `Segment`s; `collate(segments)` (CPU: pads and pins a batch) and `forward(batch)`
+    (device: the model, pooling on the device, an asynchronous copy of only what is stored) run
+    one batch; `assemble` joins a clip's segment results into one `EncodedClip`.
+    """
 
     family: ClassVar[str]
+    unit: ClassVar[str] = "items"  # what `Segment.amount` counts, for throughput reports
 
     def __init__(self, cfg: EncoderConfig):
         if cfg.batch_size < 1:
@@ -94,8 +103,16 @@ class Encoder(ABC):
         """Load preprocessing and the model (weights in self.dtype); return the model."""
 
     @abstractmethod
-    def _encode_batch(self, items: list) -> list[EncodedClip]:
-        """Encode one batch (already grouped by `_batches`)."""
+    def prepare(self, item: Any) -> list[Segment]:
+        """One clip -> its forward-pass units (CPU only; raises ClipError for a bad clip)."""
+
+    @abstractmethod
+    def collate(self, segments: list[Segment]) -> dict:
+        """Pad a batch of segments into CPU tensors (pinned when the device is a GPU)."""
+
+    @abstractmethod
+    def forward(self, batch: dict) -> HostBatch:
+        """Run one collated batch on the device; return the pooled/kept states being copied back."""
 
     @property
     def num_layers(self) -> int:
@@ -121,7 +138,8 @@ class Encoder(ABC):
             "gguf_file": self.cfg.gguf_file,
             "resolved_path": self.path,
             "weights": self.weights_hash(),
-            "dtype": self.cfg.dtype,
+            # The dtype the model computes in (auto and CPU float16 resolve to a real one).
+            "dtype": dtype_name(self.dtype),
             "pooling": self.pooling,
             "layers_frames": list(self.cfg.layers_frames),
             "code_version": CODE_VERSION,
@@ -134,45 +152,145 @@ class Encoder(ABC):
         return self._weights_hash
 
     def encode(self, items: list) -> list[EncodedClip]:
-        out: list[EncodedClip | None] = [None] * len(items)
-        batches = self._batches(items)
-        bar = tqdm(batches, desc=f"encode {self.family}", unit="batch", disable=len(batches) < 2)
+        """The simple serial path (tests, notebooks); features.engine overlaps the same steps."""
+        segments = [seg for i, item in enumerate(items) for seg in self._prepare_clip(i, item)]
+        parts: dict[Any, list[Partial]] = {}
+        bar = tqdm(total=len(items), desc=f"encode {self.family}", unit="clip", disable=len(items) < 2)
         with torch.inference_mode():
-            for index in bar:
-                for i, clip in zip(index, self._encode_batch([items[i] for i in index])):
-                    out[i] = clip
-        return out  # type: ignore[return-value]
+            for index in self.segment_batches([s.length for s in segments], self.cfg.batch_size):
+                batch = [segments[i] for i in index]
+                for seg, part in zip(batch, self.forward(self.collate(batch)).wait()):
+                    part.part = seg.part
+                    parts.setdefault(seg.clip, []).append(part)
+                    bar.update(int(seg.part == seg.parts - 1))
+        bar.close()
+        return [self.assemble(parts[i]) for i in range(len(items))]
+
+    def _prepare_clip(self, clip: Any, item: Any) -> list[Segment]:
+        segments = self.prepare(item)
+        for part, seg in enumerate(segments):
+            seg.clip, seg.part, seg.parts = clip, part, len(segments)
+        return segments
 
     def _batches(self, items: list) -> list[list[int]]:
-        """Indices of each forward pass; similar lengths go together to waste little padding."""
-        order = sorted(range(len(items)), key=lambda i: self._length(items[i]))
-        return chunks(order, self.cfg.batch_size)
+        """Indices of each forward pass over whole items (see `segment_batches`)."""
+        return self.segment_batches([self._length(item) for item in items], self.cfg.batch_size)
+
+    def segment_batches(self, lengths: list[int], size: int) -> list[list[int]]:
+        """Similar lengths go together to waste little padding (families that cannot mask
+        padding override this to group equal lengths only)."""
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        return chunks(order, size)
 
     def _length(self, item: Any) -> int:
         return len(item)
 
+    def assemble(self, parts: list[Partial]) -> EncodedClip:
+        """Join a clip's segment results (in part order) into its pooled vectors and frames."""
+        parts = sorted(parts, key=lambda p: p.part)
+        if parts[0].mean:
+            total = parts[0].vec if len(parts) == 1 else np.sum([p.vec for p in parts], axis=0)
+            pooled = total / np.float32(max(sum(p.count for p in parts), 1))
+        else:  # cls: the first kept position of the clip; last: the last one
+            pooled = parts[0].vec if self.pooling == "cls" else parts[-1].vec
+        frames = parts[0].frames if len(parts) == 1 else np.concatenate([p.frames for p in parts], axis=1)
+        return EncodedClip(pooled=pooled.astype(np.float32), frames=frames.astype(np.float32))
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed precision on a GPU (matmuls in the half dtype, reductions in fp32); none on CPU."""
+        if self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16):
+            return torch.autocast("cuda", dtype=self.dtype)
+        return contextlib.nullcontext()
+
+    def to_device(self, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        # Batches are pinned by `collate` on a GPU, so this copy does not block the host.
+        return tensor.to(self.device, dtype=dtype, non_blocking=True)
+
+    def pin(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.pin_memory() if self.device.type == "cuda" else tensor
+
     def _collect(
-        self, hidden_states: tuple[torch.Tensor, ...], mask: torch.Tensor, how: str | None = None
-    ) -> list[EncodedClip]:
-        """Per-clip results from per-layer states [B, T, D] and the validity mask [B, T].
+        self,
+        hidden_states: tuple[torch.Tensor, ...],
+        spans: list[tuple[int, int]],
+        how: str | None = None,
+    ) -> HostBatch:
+        """Pool per-layer states [B, T, D] over each segment's kept span [start, end) on the
+        device, and start copying the pooled vectors and the `layers_frames` states to the host.
 
         `how` overrides the pooling along T (vision pools tokens per frame, then means frames).
+        Mean pooling returns fp32 sums (joined over a long clip's chunks, then divided); cls and
+        last return the span's first / last position.
         """
         how = how or self.pooling
-        pooled = torch.stack([pool(h, mask, how) for h in hidden_states], dim=1).cpu()
-        lengths = mask.long().sum(dim=1).tolist()
+        steps = hidden_states[0].shape[1]
+        # Masks and indices are built on the host and copied from pinned memory: no device sync.
+        mask = self.to_device(self.pin(spans_to_mask(spans, steps)))
+        picks = self.to_device(self.pin(span_picks(spans, how)))
+        vec = torch.stack([span_pool(h, mask, picks, how) for h in hidden_states], dim=1)
         batch, _, dim = hidden_states[0].shape
-        if self.layers:
-            kept = torch.stack([hidden_states[i] for i in self.layers], dim=1).cpu()
-        else:
-            kept = torch.zeros(batch, 0, max(lengths, default=0), dim)
+        width = max((end - start for start, end in spans), default=0)
+        kept = torch.zeros(batch, len(self.layers), width, dim, device=self.device, dtype=hidden_states[0].dtype)
+        for b, (start, end) in enumerate(spans):  # only the stored layers leave the device
+            for k, layer in enumerate(self.layers):
+                kept[b, k, : end - start] = hidden_states[layer][b, start:end]
+        counts = [end - start for start, end in spans]
+        return HostBatch(vec, kept, counts, how == "mean")
+
+
+@dataclass
+class Segment:
+    """One forward-pass unit: a whole clip, or one chunk of a long clip."""
+
+    data: Any  # family-specific prepared input (numpy arrays / token ids), picklable
+    length: int  # what padding grows with: samples, tokens, images
+    amount: float  # throughput units (audio seconds, images, tokens) it stands for
+    keep: tuple[int, int] | None = None  # speech chunks: [start, end) output frames it contributes
+    clip: Any = None  # the clip it belongs to (set by whoever prepares it)
+    part: int = 0  # its index among the clip's chunks
+    parts: int = 1
+
+
+@dataclass
+class Partial:
+    """One segment's result on the host."""
+
+    vec: np.ndarray  # [L, D] float32: sum over kept positions (mean) or the chosen position
+    count: int  # kept positions (frames, tokens, images)
+    frames: np.ndarray  # [K, count, D] the layers_frames states at the kept positions
+    part: int = 0
+    mean: bool = True
+
+
+class HostBatch:
+    """A batch's results being copied device -> host without blocking; `wait()` finishes it.
+
+    The copy goes to pinned memory with an event recorded after it, so the compute thread moves
+    on to the next batch and only the writer thread waits (never once per clip).
+    """
+
+    def __init__(self, vec: torch.Tensor, frames: torch.Tensor, counts: list[int], mean: bool):
+        self.counts, self.mean = counts, mean
+        self.vec, self.frames = host_copy(vec), host_copy(frames)
+        self.event = None
+        if vec.device.type == "cuda":
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def wait(self) -> list[Partial]:
+        if self.event is not None:
+            self.event.synchronize()
+        vec, frames = self.vec.float().numpy(), self.frames.float().numpy()
         return [
-            EncodedClip(
-                pooled=pooled[b].float().numpy(),
-                frames=kept[b, :, : lengths[b]].float().numpy(),
-            )
-            for b in range(batch)
+            Partial(vec[b], n, frames[b, :, :n], mean=self.mean) for b, n in enumerate(self.counts)
         ]
+
+
+def host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.device.type != "cuda":
+        return tensor.detach()
+    out = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return out.copy_(tensor, non_blocking=True)
 
 
 def chunks(seq: list, size: int) -> list[list]:
@@ -196,14 +314,22 @@ def pick_device(name: str) -> torch.device:
 def compute_dtype(name: str, device: torch.device) -> torch.dtype:
     """The dtype weights are loaded in and the forward pass runs in.
 
-    float16 on CPU computes in float32: CPU half kernels are slow or missing. bfloat16 and
-    float32 are used as given on every device.
+    float16 on CPU computes in float32: CPU half kernels are slow or missing. `auto` is mixed
+    precision where it pays: bfloat16 on a GPU that has it, float16 on older GPUs, float32 on CPU.
     """
-    if name not in DTYPES:
-        raise ConfigError(f"dtype {name!r} is unknown; use one of {sorted(DTYPES)}.")
+    if name not in DTYPE_CHOICES:
+        raise ConfigError(f"dtype {name!r} is unknown; use one of {sorted(DTYPE_CHOICES)}.")
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if name == "float16" and device.type == "cpu":
         return torch.float32
     return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def resolve_layers(layers: list[int], num_layers: int) -> list[int]:

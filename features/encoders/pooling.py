@@ -55,3 +55,28 @@ def lengths_to_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
     """[B] valid lengths -> [B, max_len] bool mask with valid positions first."""
     steps = torch.arange(max_len, device=lengths.device)
     return steps.unsqueeze(0) < lengths.unsqueeze(1)
+
+
+def spans_to_mask(spans: list[tuple[int, int]], max_len: int) -> torch.Tensor:
+    """[B] kept spans [start, end) -> [B, max_len] bool mask (a chunk of a long clip keeps only
+    the middle of its overlaps; a whole clip keeps [0, valid length))."""
+    steps = torch.arange(max_len)
+    starts = torch.tensor([s for s, _ in spans]).unsqueeze(1)
+    ends = torch.tensor([e for _, e in spans]).unsqueeze(1)
+    return (steps >= starts) & (steps < ends)
+
+
+def span_pool(hidden: torch.Tensor, mask: torch.Tensor, picks: torch.Tensor, how: str) -> torch.Tensor:
+    """[B, T, D] -> [B, D] float32 over each row's kept span: the fp32 *sum* for mean (divided
+    once a clip's chunks are joined), else the position in `picks` [B] (the span's first for cls,
+    its last for last)."""
+    if how == "mean":
+        return (hidden * mask.to(hidden.dtype).unsqueeze(-1)).sum(dim=1, dtype=torch.float32)
+    check_pooling(how)
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    return hidden[rows, picks].float()
+
+
+def span_picks(spans: list[tuple[int, int]], how: str) -> torch.Tensor:
+    """[B] positions cls / last pooling take (built on the host, copied without a sync)."""
+    return torch.tensor([s if how == "cls" else e - 1 for s, e in spans], dtype=torch.long)

@@ -3,10 +3,18 @@
 Batching rule: models whose conv front end uses layer norm (`feat_extract_norm == "layer"`, e.g.
 hubert-large, wavlm-large, wav2vec2-large-lv60) are batched with zero padding and an attention
 mask, which leaves every clip's features unchanged. Group-norm front ends (the *-base models)
-normalise over time, padding included, so they are batched only with clips of identical length
-(in practice one by one) and get no attention mask, as their checkpoints expect.
-Clips longer than `max_seconds` keep their first `max_seconds`; clips shorter than the conv
-front end's receptive field (25 ms for the standard layout) are zero-padded up to it.
+normalise over time, padding included, so they are batched only with segments of identical
+length (exact-length buckets: in practice mostly one by one, and the equal chunks of long clips)
+and get no attention mask, as their checkpoints expect.
+
+Long clips: a clip is cut at `max_seconds` (default 10 minutes), normalised as a whole, then
+split into chunks of CHUNK_SECONDS (20 s) overlapping by OVERLAP_SECONDS (2 s). Each chunk keeps
+its output frames up to the middle of its overlaps, so the stitched clip has exactly the frames
+a single pass gives (chunk starts are multiples of the conv stride: one shared frame grid) and
+every kept frame saw at least 1 s of context on each side. Clips up to CHUNK_SECONDS are one
+segment: the numbers of a single whole-clip pass.
+Clips shorter than the conv front end's receptive field (25 ms for the standard layout) are
+zero-padded up to it.
 """
 
 from __future__ import annotations
@@ -20,20 +28,25 @@ from transformers import AutoFeatureExtractor, AutoModel
 from features.encoders.base import (
     EncodedClip,
     Encoder,
+    HostBatch,
+    Segment,
     chunks,
     dtype_kwargs,
     load_checked,
     register,
     safetensors_kwargs,
 )
-from features.encoders.pooling import lengths_to_mask
 from features.errors import ClipError, ModelLoadError
 
 SAMPLE_RATE = 16_000
+CHUNK_SECONDS = 20.0  # longer clips are encoded in chunks (attention memory grows with T^2)
+OVERLAP_SECONDS = 2.0  # context shared by neighbouring chunks; each keeps half of it
 
 
 @register("speech")
 class SpeechEncoder(Encoder):
+    unit = "audio_s"
+
     def _load(self) -> torch.nn.Module:
         remote = {"trust_remote_code": self.cfg.trust_remote_code}
         try:
@@ -64,24 +77,28 @@ class SpeechEncoder(Encoder):
             )
         self.padded_batches = getattr(model.config, "feat_extract_norm", "group") == "layer"
         self.min_samples = receptive_field(model.config)
+        self.stride = int(np.prod(model.config.conv_stride))
         return model
 
     def _extra_fingerprint(self) -> dict:
         return {
             "max_seconds": self.cfg.max_seconds,
+            "chunk_seconds": CHUNK_SECONDS,
+            "overlap_seconds": OVERLAP_SECONDS,
             "feature_extractor": type(self.extractor).__name__,
             "normalize": bool(getattr(self.extractor, "do_normalize", False)),
         }
 
-    def _batches(self, items: list) -> list[list[int]]:
+    def segment_batches(self, lengths: list[int], size: int) -> list[list[int]]:
         if self.padded_batches:
-            return super()._batches(items)
-        order = sorted(range(len(items)), key=lambda i: self._length(items[i]))
-        same = [list(g) for _, g in groupby(order, key=lambda i: self._length(items[i]))]
-        return [batch for group in same for batch in chunks(group, self.cfg.batch_size)]
+            return super().segment_batches(lengths, size)
+        # Group norm sees padding: exact-length buckets only.
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        same = [list(g) for _, g in groupby(order, key=lambda i: lengths[i])]
+        return [batch for group in same for batch in chunks(group, size)]
 
     def _length(self, item: np.ndarray) -> int:
-        return min(len(item), int(self.cfg.max_seconds * SAMPLE_RATE))
+        return max(min(len(item), int(self.cfg.max_seconds * SAMPLE_RATE)), self.min_samples)
 
     def encode(self, items: list) -> list[EncodedClip]:
         for index, wave in enumerate(items):
@@ -93,30 +110,61 @@ class SpeechEncoder(Encoder):
                 )
         return super().encode(items)
 
-    def _encode_batch(self, items: list) -> list[EncodedClip]:
-        waves = [self._prepare(w) for w in items]
-        feats = self.extractor(
-            waves,
-            sampling_rate=SAMPLE_RATE,
-            padding=True,
-            return_attention_mask=self.padded_batches,
-            return_tensors="pt",
-        )
-        values = feats["input_values"].to(self.device, self.dtype)
-        extra = {}
-        if self.padded_batches:
-            extra["attention_mask"] = feats["attention_mask"].to(self.device)
-        out = self.model(values, output_hidden_states=True, **extra)
-        # Valid frames per clip after the conv stride; padded frames never enter the pooling.
-        lengths = self.model._get_feat_extract_output_lengths(torch.tensor([len(w) for w in waves]))
-        mask = lengths_to_mask(lengths.to(self.device), out.hidden_states[0].shape[1])
-        return self._collect(out.hidden_states, mask)
-
-    def _prepare(self, wave: np.ndarray) -> np.ndarray:
+    def prepare(self, wave: np.ndarray) -> list[Segment]:
         wave = np.asarray(wave, dtype=np.float32).reshape(-1)[: int(self.cfg.max_seconds * SAMPLE_RATE)]
+        if wave.size == 0:
+            raise ClipError("?", "zero_length", "empty waveform; the audio stage should drop it.")
         if wave.size < self.min_samples:
             wave = np.pad(wave, (0, self.min_samples - wave.size))
-        return wave
+        # Normalise the whole clip once (per-clip mean and variance, as a single pass does).
+        wave = self.extractor(wave, sampling_rate=SAMPLE_RATE, return_tensors="np")["input_values"][0]
+        wave = np.ascontiguousarray(wave, dtype=np.float32)
+        return [
+            Segment(wave[a:b], b - a, (b - a) / SAMPLE_RATE, keep) for a, b, keep in self.chunk_plan(wave.size)
+        ]
+
+    def chunk_plan(self, n: int) -> list[tuple[int, int, tuple[int, int]]]:
+        """(first sample, end sample, kept output frames [start, end) local to the chunk)."""
+        frames = self._frames(n)
+        size = int(CHUNK_SECONDS * SAMPLE_RATE) // self.stride * self.stride
+        overlap = int(OVERLAP_SECONDS * SAMPLE_RATE) // self.stride * self.stride
+        if n <= size:
+            return [(0, n, (0, frames))]
+        starts = [0]
+        while starts[-1] + size < n:
+            starts.append(starts[-1] + size - overlap)
+        # Chunk i hands over to chunk i+1 in the middle of their overlap (global frame index).
+        bounds = [0, *[(a + overlap // 2) // self.stride for a in starts[1:]], frames]
+        return [
+            (a, min(a + size, n), (bounds[i] - a // self.stride, bounds[i + 1] - a // self.stride))
+            for i, a in enumerate(starts)
+        ]
+
+    def _frames(self, samples: int) -> int:
+        return int(self.model._get_feat_extract_output_lengths(torch.tensor(samples)))
+
+    def collate(self, segments: list[Segment]) -> dict:
+        width = max(s.length for s in segments)
+        values = torch.zeros(len(segments), width)
+        mask = torch.zeros(len(segments), width, dtype=torch.long)
+        for row, seg in enumerate(segments):  # zero padding after the normalised samples
+            values[row, : seg.length] = torch.from_numpy(seg.data)
+            mask[row, : seg.length] = 1
+        batch = {"input_values": self.pin(values), "spans": [s.keep for s in segments]}
+        if self.padded_batches:
+            batch["attention_mask"] = self.pin(mask)
+        return batch
+
+    def forward(self, batch: dict) -> HostBatch:
+        extra = {}
+        if "attention_mask" in batch:
+            extra["attention_mask"] = self.to_device(batch["attention_mask"])
+        values = self.to_device(batch["input_values"], self.dtype)
+        with self.autocast():
+            out = self.model(values, output_hidden_states=True, **extra)
+        # Kept frames per segment were computed on the host from sample counts (no device
+        # sync); padded frames never enter the pooling.
+        return self._collect(out.hidden_states, batch["spans"])
 
 
 def receptive_field(config) -> int:

@@ -13,12 +13,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from features.encoders.base import (
-    EncodedClip,
     Encoder,
+    HostBatch,
+    Segment,
     dtype_kwargs,
     load_checked,
     quiet_transformers,
@@ -32,6 +34,8 @@ CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 @register("text")
 class TextEncoder(Encoder):
+    unit = "tokens"
+
     def _load(self) -> torch.nn.Module:
         self.folder, self.gguf = split_gguf(self.path, self.cfg.gguf_file)
         common: dict[str, Any] = {"trust_remote_code": self.cfg.trust_remote_code}
@@ -82,20 +86,27 @@ class TextEncoder(Encoder):
     def _length(self, item: str) -> int:
         return len(item)
 
-    def _encode_batch(self, items: list) -> list[EncodedClip]:
-        ids = self.tokenizer([str(text) for text in items], truncation=True, max_length=self.max_tokens)[
-            "input_ids"
-        ]
-        ids = [row or [self.fill_id] for row in ids]
-        width = max(len(row) for row in ids)
-        input_ids = torch.full((len(ids), width), self.fill_id, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for row, tokens in enumerate(ids):  # right padding: valid tokens first
-            input_ids[row, : len(tokens)] = torch.tensor(tokens)
-            mask[row, : len(tokens)] = 1
-        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-        out = self.backbone(input_ids=input_ids, attention_mask=mask, output_hidden_states=True)
-        return self._collect(out.hidden_states, mask.bool())
+    def prepare(self, text: str) -> list[Segment]:
+        ids = self.tokenizer(str(text), truncation=True, max_length=self.max_tokens)["input_ids"]
+        ids = list(ids) or [self.fill_id]
+        return [Segment(np.asarray(ids, dtype=np.int64), len(ids), float(len(ids)))]
+
+    def collate(self, segments: list[Segment]) -> dict:
+        width = max(s.length for s in segments)
+        input_ids = torch.full((len(segments), width), self.fill_id, dtype=torch.long)
+        mask = torch.zeros((len(segments), width), dtype=torch.long)
+        for row, seg in enumerate(segments):  # right padding: valid tokens first
+            input_ids[row, : seg.length] = torch.from_numpy(seg.data)
+            mask[row, : seg.length] = 1
+        return {"input_ids": self.pin(input_ids), "attention_mask": self.pin(mask),
+                "spans": [(0, s.length) for s in segments]}
+
+    def forward(self, batch: dict) -> HostBatch:
+        input_ids = self.to_device(batch["input_ids"])
+        mask = self.to_device(batch["attention_mask"])
+        with self.autocast():
+            out = self.backbone(input_ids=input_ids, attention_mask=mask, output_hidden_states=True)
+        return self._collect(out.hidden_states, batch["spans"])
 
 
 def split_gguf(path: str, gguf_file: str) -> tuple[str, str]:

@@ -15,13 +15,13 @@ from transformers import AutoImageProcessor, CLIPVisionModel
 from features.encoders.base import (
     EncodedClip,
     Encoder,
-    chunks,
+    HostBatch,
+    Segment,
     dtype_kwargs,
     load_checked,
     register,
     safetensors_kwargs,
 )
-from features.encoders.pooling import lengths_to_mask
 from features.errors import ClipError, ConfigError, ModelLoadError
 
 # Images per forward pass: bounds memory (all hidden states of a ViT-L are large), not results.
@@ -30,6 +30,8 @@ IMAGES_PER_PASS = 64
 
 @register("vision")
 class VisionEncoder(Encoder):
+    unit = "images"
+
     def _load(self) -> torch.nn.Module:
         if self.pooling not in ("cls", "mean"):
             raise ConfigError(
@@ -64,26 +66,34 @@ class VisionEncoder(Encoder):
             check_crops(index, crops)
         return super().encode(items)
 
-    def _encode_batch(self, items: list) -> list[EncodedClip]:
-        images = [frame for crops in items for frame in crops]
-        tokens = torch.cat([self._frame_vectors(part) for part in chunks(images, IMAGES_PER_PASS)])
-        # Regroup [N, L, D] frames into clips [B, F_max, L, D], padded, with a frame mask.
-        counts = [len(crops) for crops in items]
-        per_clip = torch.split(tokens, counts)
-        padded = torch.nn.utils.rnn.pad_sequence(list(per_clip), batch_first=True)
-        mask = lengths_to_mask(torch.tensor(counts, device=self.device), padded.shape[1])
-        layers = tuple(padded[:, :, layer] for layer in range(padded.shape[2]))
-        return self._collect(layers, mask, how="mean")
+    def prepare(self, crops: np.ndarray) -> list[Segment]:
+        check_crops("?", crops)
+        pixels = self.processor(images=list(crops), return_tensors="np")["pixel_values"]
+        return [Segment(np.ascontiguousarray(pixels, dtype=np.float32), len(crops), float(len(crops)))]
 
-    def _frame_vectors(self, images: list[np.ndarray]) -> torch.Tensor:
+    def collate(self, segments: list[Segment]) -> dict:
+        # ViT inputs have one fixed size: a batch is every image of its clips, no padding at all.
+        pixels = torch.from_numpy(np.concatenate([s.data for s in segments]))
+        return {"pixel_values": self.pin(pixels), "counts": [s.length for s in segments]}
+
+    def forward(self, batch: dict) -> HostBatch:
+        pixels = self.to_device(batch["pixel_values"], self.dtype)
+        tokens = torch.cat([self._frame_vectors(part) for part in pixels.split(IMAGES_PER_PASS)])
+        # Regroup [N, L, D] frames into clips [B, F_max, L, D], padded; spans mark real frames.
+        counts = batch["counts"]
+        padded = torch.nn.utils.rnn.pad_sequence(list(torch.split(tokens, counts)), batch_first=True)
+        layers = tuple(padded[:, :, layer] for layer in range(padded.shape[2]))
+        return self._collect(layers, [(0, n) for n in counts], how="mean")
+
+    def _frame_vectors(self, pixels: torch.Tensor) -> torch.Tensor:
         """[N, L, D]: each image's CLS token or patch-token mean, per hidden state."""
-        pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
-        out = self.model(pixel_values=pixels.to(self.device, self.dtype), output_hidden_states=True)
+        with self.autocast():
+            out = self.model(pixel_values=pixels, output_hidden_states=True)
         pick = (lambda h: h[:, 0]) if self.pooling == "cls" else (lambda h: h[:, 1:].mean(dim=1))
         return torch.stack([pick(h) for h in out.hidden_states], dim=1)
 
 
-def check_crops(index: int, crops: np.ndarray) -> None:
+def check_crops(index: int | str, crops: np.ndarray) -> None:
     shape = getattr(crops, "shape", ())
     if len(shape) != 4 or shape[-1] != 3 or shape[0] == 0 or crops.dtype != np.uint8:
         raise ClipError(
