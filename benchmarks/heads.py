@@ -9,7 +9,9 @@ in layers 14-20 of each so the numbers mean something. Frame-level states are ke
 layer ([1, T, 1024] per clip; T defaults to 24 frames instead of ~210 for a 4 s HuBERT clip, to
 keep the temporary store small: the frame heads segment-pool every clip to `max_frames` (8) as
 they load it, so T changes only the read time). Every head runs through the stage function
-`models.run.train_head` (store read + k-fold + predictions), on the manifest's 5 folds.
+`models.run.train_head` (store read + k-fold + predictions), on the manifest's 5 folds, with the
+settings of the MER2024 profile (`params.mer2024.yaml` train.heads, on CPU), `layer: best` read
+from the probe outputs made here.
 Targets (issue 5): every head under 60 s; all-layer probing of one encoder under 60 s.
 """
 from __future__ import annotations
@@ -22,14 +24,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import save, timer  # noqa: E402
+from common import ROOT, save, timer  # noqa: E402
 
 import numpy as np  # noqa: E402
+import yaml  # noqa: E402
 
 from features.manifest import CLASSES, Clip, assign_folds, write_manifest  # noqa: E402
 from features.store import StoreUpdate, clip_key  # noqa: E402
 from models.config import FRAME_HEAD_TYPES, head_config, train_config  # noqa: E402
-from models.heads import HEADS  # noqa: E402
 from models.metrics import compute_metrics  # noqa: E402
 from models.probing import ProbeConfig, probe_encoder  # noqa: E402
 from models.run import PREDICTIONS, read_predictions, train_head  # noqa: E402
@@ -71,20 +73,10 @@ def make_data(root: Path, n: int, frames: int, seed: int = 0) -> Path:
 
 
 def head_specs(frames: bool) -> dict[str, dict]:
-    """Every registered pooled head type, LightGBM per modality and combined, frame heads."""
-    specs = {"lightgbm_hubert": {}, "lightgbm_concat": {}}  # first: the cheap ones
-    for kind in sorted(HEADS):
-        feats = ["hubert"] if kind == "probe" else list(ENCODERS)
-        specs[f"{kind}"] = {"type": kind, "features": feats, "layer": -1}
-    specs["lightgbm_hubert"] = {"type": "lightgbm", "features": ["hubert"], "layer": -1,
-                                "num_threads": 2}
-    specs["lightgbm_concat"] = {"type": "lightgbm", "features": list(ENCODERS), "layer": -1,
-                                "num_threads": 2}
-    if frames:
-        for kind in FRAME_HEAD_TYPES:
-            feats = ["hubert", "llm"] if kind == "joint_at" else list(ENCODERS)
-            specs[kind] = {"type": kind, "features": feats, "frames_layer": -1}
-    return specs
+    """The heads of the MER2024 profile (params.mer2024.yaml `train.heads`), run on CPU."""
+    heads = yaml.safe_load((ROOT / "params.mer2024.yaml").read_text())["train"]["heads"]
+    return {name: spec for name, spec in heads.items()
+            if frames or spec["type"] not in FRAME_HEAD_TYPES}
 
 
 def main() -> None:
@@ -112,6 +104,9 @@ def main() -> None:
     with timer() as t_ridge:
         probe_encoder("hubert", root / "manifest.csv", features / "hubert",
                       root / "probe" / "hubert_ridge", ridge_only)
+    for name in ENCODERS[1:]:  # `layer: best` of the profile's heads reads every encoder's probe
+        probe_encoder(name, root / "manifest.csv", features / name, root / "probe" / name,
+                      ridge_only)
     results["probe_all_layers"] = {"s": round(t_probe["s"], 2), "ridge_only_s": round(t_ridge["s"], 2),
                                    "best_layer": best["best_layer"],
                                    "weighted_f1": best["weighted_f1"],
@@ -127,7 +122,8 @@ def main() -> None:
         cfg = head_config(spec, f"bench.{name}")
         out = root / "heads" / name
         with timer() as t:
-            train_head(name, cfg, train_cfg, root / "manifest.csv", features, out)
+            train_head(name, cfg, train_cfg, root / "manifest.csv", features, out,
+                       probe_dir=root / "probe")
         rows = [r for r in read_predictions(out / PREDICTIONS) if r["split"] == "labelled"]
         y = np.array([CLASSES.index(r["label"]) for r in rows])
         wf1 = compute_metrics(y, np.array([[float(r[c]) for c in CLASSES] for r in rows]))
