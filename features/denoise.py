@@ -21,11 +21,18 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 import numpy as np
-from scipy.signal import resample_poly
 
 from features.config import resolve_model_path
 from features.errors import ConfigError, ModelLoadError
 from features.media import sha256_file
+
+
+def resample_poly(x, up, down):
+    # scipy.signal costs ~1 s to import: only the denoisers that resample pay it.
+    from scipy.signal import resample_poly as _resample
+
+    return _resample(x, up, down)
+
 
 log = logging.getLogger(__name__)
 

@@ -95,7 +95,8 @@ def rank_stores(out: Path, world: int) -> list[Path]:
 
 def merge(out: Path, kind: str, meta: Mapping, wanted: Mapping[str, str], parts: list[Path]) -> Path:
     """Bring `out` to `wanted` from its own valid clips plus the rank stores' clips."""
-    with StoreUpdate(out, kind, meta, wanted) as up:
+    with StoreUpdate(out, kind, meta, wanted, compression=meta.get("compression"),
+                     shard_mb=meta.get("shard_mb", 1024.0)) as up:
         todo = set(up.todo)
         for path in parts:
             if (path / "store.json").is_file():

@@ -34,6 +34,19 @@ def store_dtype(cfg: EncoderConfig) -> np.dtype:
     return np.dtype(cfg.store_dtype)
 
 
+COMPRESSIONS = ("", "gzip", "lzf")
+
+
+def store_layout(cfg: EncoderConfig) -> dict:
+    """How shards are written (not what they hold: neither setting enters the cache keys)."""
+    if cfg.compression not in COMPRESSIONS:
+        raise ConfigError(f"compression {cfg.compression!r}: use one of {list(COMPRESSIONS)} "
+                          f"(\"\" = none, the default; benchmarks/store.py measures each).")
+    if not cfg.shard_mb > 0:
+        raise ConfigError(f"shard_mb {cfg.shard_mb!r}: must be > 0 (about 1024 suits DVC remotes).")
+    return {"compression": cfg.compression or None, "shard_mb": float(cfg.shard_mb)}
+
+
 class Inputs:
     """The encoder's input clips: ids, upstream cache keys, and `load(clip_id)` for one item.
 
@@ -82,15 +95,15 @@ def embed_store(name: str, cfg: EncoderConfig, input_path: str | os.PathLike,
     point). Under torchrun each rank takes every WORLD_SIZE-th clip still to do.
     """
     _, world = dist.rank_and_world()
+    dtype, layout = store_dtype(cfg), store_layout(cfg)  # config errors before any model load
     dist.init()
     encoder = load_encoder(dist.rank_config(cfg))
     inputs = Inputs(cfg, input_path)
     out_path = Path(out_path)
-    dtype = store_dtype(cfg)
     fp = encoder.fingerprint()
     meta = {"encoder": name, "fingerprint": fp, "layers_frames": cfg.layers_frames,
             "num_layers": encoder.num_layers, "hidden_size": encoder.hidden_size,
-            "store_dtype": dtype.name}
+            "store_dtype": dtype.name, **layout}
     wanted = {cid: clip_key("embed", key, fp, dtype.name) for cid, key in inputs.keys.items()}
     failures = FailureReport(f"embed@{name}")
     try:
@@ -109,7 +122,8 @@ def _encode_into(path: Path, meta: dict, wanted: dict, encoder, inputs: Inputs,
     """One StoreUpdate at `path` for `wanted`, computed by the engine."""
     dtype = np.dtype(meta["store_dtype"])
     attrs = {"layers": np.asarray(meta["layers_frames"], dtype=np.int64)}
-    with StoreUpdate(path, "embedding", meta, wanted) as up:
+    with StoreUpdate(path, "embedding", meta, wanted, compression=meta["compression"],
+                     shard_mb=meta["shard_mb"]) as up:
         cached, todo = shown or (up.reused, len(up.todo))
         print(f"[embed {name}] {len(wanted) if shown is None else cached + todo} clips: "
               f"{cached} cached, {todo} to encode")

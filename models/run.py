@@ -19,8 +19,6 @@ from features.store import StoreReader
 from models.config import CLASSES, FRAME_HEAD_TYPES, GBDT_TYPES, HeadConfig, TrainConfig
 from models.metrics import compute_metrics
 from models.plots import confusion_rows, plot_confusion
-from models.probing import best_layer
-from models.train import cross_validate, head_inputs, save_bundle, select_layer
 
 
 
@@ -56,6 +54,11 @@ def train_head(name: str, cfg: HeadConfig, train_cfg: TrainConfig, manifest: str
 
     `probe_dir` is read only for `layer: best` (each encoder's probe best.json).
     """
+    # torch is imported here, not at module level: evaluate and ensembles import this module
+    # and need none of it (each DVC stage is a fresh process; imports are its fixed cost).
+    from models.probing import best_layer
+    from models.train import cross_validate, head_inputs, save_bundle, select_layer
+
     if cfg.type in FRAME_HEAD_TYPES:  # agt, joint_at: frame-level inputs (models/sequence.py)
         from models.sequence import train_frame_head
         return train_frame_head(name, cfg, train_cfg, manifest, features_dir, out_dir)

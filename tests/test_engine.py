@@ -151,3 +151,32 @@ def test_embed_store_runs_on_the_engine(models, tmp_path, capsys):
             np.testing.assert_allclose(s.pooled(ids=[cid])[0], enc.encode([text])[0].pooled, atol=1e-5)
     embed_store("bert", cfg, src, tmp_path / "store")
     assert "6 cached, 0 to encode" in capsys.readouterr().out
+
+
+def test_embed_store_compression_and_shard_size_are_layout_only(models, tmp_path, capsys):
+    import h5py
+
+    from features.errors import ConfigError
+
+    texts = _items("text", 6)
+    src = tmp_path / "transcripts.json"
+    write_json_atomic(src, {"asr": {}, "transcripts": {
+        cid: {"text": t, "source": "csv", "key": f"k-{cid}"} for cid, t in texts.items()}})
+    base = dict(family="text", model=models["bert"], batch_size=4)
+    embed_store("bert", EncoderConfig(**base), src, tmp_path / "plain")
+    # a tiny shard target: several shards; gzip on every dataset; same numbers either way
+    embed_store("bert", EncoderConfig(**base, compression="gzip", shard_mb=1e-4), src, tmp_path / "gz")
+    shards = sorted((tmp_path / "gz").glob("shard-*.h5"))
+    assert len(shards) > 1
+    with h5py.File(shards[0], "r") as h5:
+        assert h5["pooled"].compression == "gzip"
+        assert all(h5["clips"][c].compression == "gzip" for c in h5["clips"])
+    with StoreReader(tmp_path / "plain") as a, StoreReader(tmp_path / "gz") as b:
+        assert a.ids == b.ids and a.keys == b.keys  # layout never enters the cache keys
+        np.testing.assert_array_equal(a.pooled(ids=a.ids), b.pooled(ids=a.ids))
+        for cid in a.ids:
+            np.testing.assert_array_equal(a.get(cid), b.get(cid))
+        assert b.summary()["meta"]["compression"] == "gzip"
+    capsys.readouterr()
+    with pytest.raises(ConfigError, match="compression 'zstd'"):
+        embed_store("bert", EncoderConfig(**base, compression="zstd"), src, tmp_path / "bad")

@@ -22,8 +22,10 @@ MUST_INVALIDATE = {
     "layers_frames": [0, -1], "pooling": "cls", "dtype": "bfloat16", "store_dtype": "float32",
 }
 # max_seconds truncates speech only (the speech family fingerprints it: tests/test_encoders.py);
-# device: cpu vs cuda differ by float noise only, like batching.
-MUST_NOT = {"batch_size": 1, "device": "auto", "input": "elsewhere.json", "max_seconds": 5.0}
+# device: cpu vs cuda differ by float noise only, like batching; compression and shard_mb change
+# how shards are written, never the stored values (tests/test_engine.py checks they are equal).
+MUST_NOT = {"batch_size": 1, "device": "auto", "input": "elsewhere.json", "max_seconds": 5.0,
+            "compression": "gzip", "shard_mb": 1e-4}
 SPECIAL = {"family", "model", "gguf_file", "trust_remote_code"}  # covered by the tests below
 
 

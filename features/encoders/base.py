@@ -51,6 +51,8 @@ class EncoderConfig:
     trust_remote_code: bool = False
     input: str = ""  # the store this encoder reads; used by the stage only
     store_dtype: str = "float16"  # float16 | float32: dtype of the stored vectors (fp16 halves disk)
+    compression: str = ""  # "" | gzip | lzf: HDF5 filter of new shards (fp16 barely shrinks: opt-in)
+    shard_mb: float = 1024.0  # target shard size; unchanged shards are never re-uploaded by DVC
 
 
 @dataclass
