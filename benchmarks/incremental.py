@@ -5,9 +5,9 @@
 (a) add_1pct_cost_ratio: a fresh git+DVC project holding this repository's code and dvc.yaml (as
     tests/test_pipeline.py builds it) with N synthetic labelled clips of MER2024-like lengths
     (log-normal, mean 4.25 s, median 3.81 s) and the demo pipeline with tiny models. Timed in two
-    parts, each a `dvc repro`: "extract" = `dvc repro embed@hubert embed@minilm` (prepare, audio,
-    denoise (backend none), asr (faster-whisper, the real Whisper tiny.en of the demo; every
-    other clip has a user transcript), faces, embed@hubert (random-weight HuBERT stand-in),
+    parts, each a `dvc repro`: "extract" = `dvc repro faces embed@hubert embed@minilm` (prepare,
+    audio, denoise (the demo's real DeepFilterNet3), asr (faster-whisper, the real Whisper tiny.en
+    of the demo; every other clip has a user transcript), faces, embed@hubert (random-weight HuBERT stand-in),
     embed@minilm (real all-MiniLM-L6-v2)): the per-clip stages, which must cost k/N; then
     "heads" = the rest of the DAG (probes, train@probe_hubert, train@attention, ensemble,
     evaluate), which refits on all clips by nature. Then N/100 labelled clips are added and both
@@ -118,7 +118,7 @@ def tiny_params(models: dict) -> dict:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["prepare"].update(videos="data/video", labels="data/labels.csv",
                              unlabelled="data/unlabelled", folds=5)
-    params["denoise"]["backend"] = "none"
+    # the demo's real DeepFilterNet3 (params.yaml): per-clip work of the kind users run
     params["asr"]["transcripts_csv"] = "data/transcripts.csv"
     params["faces"].update(fps=2.0, size=32, max_frames=2)
     params["embed"]["encoders"] = {
@@ -383,7 +383,8 @@ def main(argv=None) -> None:
     }
     results = {"add_1pct": add, "noop": noop, "total_s": round(time.perf_counter() - start, 1),
                "stages_in_add": {
-                   "extract": "dvc repro embed@hubert embed@minilm: prepare, audio, denoise(none), "
+                   "extract": "dvc repro faces embed@hubert embed@minilm: prepare, audio, "
+                              "denoise(deepfilternet), "
                               "asr(faster_whisper tiny.en), faces, embed@hubert(stand-in), embed@minilm",
                    "heads": "dvc repro: probe@hubert, probe@minilm, train@probe_hubert, "
                             "train@attention, ensemble@vote_soft, evaluate (refit on all clips)"},

@@ -28,13 +28,14 @@ RoundCallback = Callable[[int, int, float], None]  # (fold, round, train multi_l
 
 
 def lgb_params(cfg: GbdtConfig, seed: int) -> dict:
-    """LightGBM parameters of one head: multiclass, deterministic, row-wise histograms."""
+    """LightGBM parameters of one head: multiclass, deterministic, column-wise histograms
+    (measured ~25 % faster per round than row-wise on 3,072-wide pooled features)."""
     params = {
         "objective": "multiclass", "num_class": len(CLASSES), "metric": "multi_logloss",
         "learning_rate": cfg.learning_rate, "num_leaves": cfg.num_leaves,
         "max_depth": cfg.max_depth, "min_data_in_leaf": cfg.min_child_samples,
         "feature_fraction": cfg.feature_fraction, "lambda_l2": cfg.lambda_l2,
-        "max_bin": cfg.max_bin, "seed": seed, "deterministic": True, "force_row_wise": True,
+        "max_bin": cfg.max_bin, "seed": seed, "deterministic": True, "force_col_wise": True,
         "verbosity": -1,
     }
     if cfg.bagging_fraction < 1.0:

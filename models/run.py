@@ -32,15 +32,22 @@ PREDICTIONS, BUNDLE, HISTORY = "predictions.csv", "model.pt", "history.json"
 GBDT_BUNDLE = "model.lgbm.json"  # LightGBM heads (models.gbdt)
 
 
-def load_pooled(features_dir: str | os.PathLike, names: list[str],
-                clips: list[Clip]) -> tuple[dict[str, np.ndarray], list[Clip], list[Clip]]:
-    """[N, L, D] pooled arrays per encoder for the clips every store has; and the clips without."""
+def load_pooled(features_dir: str | os.PathLike, names: list[str], clips: list[Clip],
+                layers: dict[str, int] | None = None
+                ) -> tuple[dict[str, np.ndarray], list[Clip], list[Clip]]:
+    """Pooled arrays per encoder for the clips every store has; and the clips without.
+
+    [N, D] for an encoder with an index in `layers` (one contiguous slice of the store: a
+    head on one layer never reads the other 24), else [N, L, D].
+    """
+    layers = layers or {}
     stores = [StoreReader(Path(features_dir) / n, kind="embedding") for n in names]
     try:
         have = [c for c in clips if all(c.clip_id in s for s in stores)]
         lacking = [c for c in clips if not all(c.clip_id in s for s in stores)]
         ids = [c.clip_id for c in have]
-        pooled = {n: s.pooled(ids=ids).astype(np.float32) for n, s in zip(names, stores)}
+        pooled = {n: s.pooled(layers.get(n), ids=ids).astype(np.float32)
+                  for n, s in zip(names, stores)}
     finally:
         for s in stores:
             s.close()
@@ -57,20 +64,22 @@ def train_head(name: str, cfg: HeadConfig, train_cfg: TrainConfig, manifest: str
     # torch is imported here, not at module level: evaluate and ensembles import this module
     # and need none of it (each DVC stage is a fresh process; imports are its fixed cost).
     from models.probing import best_layer
-    from models.train import cross_validate, head_inputs, save_bundle, select_layer
+    from models.train import cross_validate, head_inputs, save_bundle
 
     if cfg.type in FRAME_HEAD_TYPES:  # agt, joint_at: frame-level inputs (models/sequence.py)
         from models.sequence import train_frame_head
         return train_frame_head(name, cfg, train_cfg, manifest, features_dir, out_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    pooled, clips, lacking = load_pooled(features_dir, cfg.features, read_manifest(manifest))
+    layers = ({n: best_layer(probe_dir, n) for n in cfg.features} if cfg.layer == "best" else
+              {n: cfg.layer for n in cfg.features} if _is_index(cfg.layer) else {})
+    pooled, clips, lacking = load_pooled(features_dir, cfg.features, read_manifest(manifest),
+                                         layers)
     failures = FailureReport(f"train@{name}")
     for c in lacking:
         failures.add(c.clip_id, "missing_features", f"not in every store of {cfg.features}; "
                      f"see the upstream stages' failures.json.")
-    inputs = (head_inputs(pooled, cfg) if cfg.layer != "best" else
-              {n: select_layer(pooled[n], best_layer(probe_dir, n)) for n in cfg.features})
+    inputs = pooled if layers else head_inputs(pooled, cfg)  # one layer read, or mean/last4
     lab = np.array([bool(c.label) for c in clips])
     y = np.array([CLASSES.index(c.label) for c in clips if c.label])
     test = {n: a[~lab] for n, a in inputs.items()} if (~lab).any() else None
@@ -92,6 +101,10 @@ def train_head(name: str, cfg: HeadConfig, train_cfg: TrainConfig, manifest: str
     write_json_atomic(out / HISTORY, {"train_loss": result.history})
     failures.write(out / "failures.json")
     return out
+
+
+def _is_index(layer) -> bool:
+    return isinstance(layer, (int, np.integer)) and not isinstance(layer, bool)
 
 
 def _write_predictions(path: Path, labelled: list[Clip], oof: np.ndarray, fold_of: np.ndarray,

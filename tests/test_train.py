@@ -180,3 +180,49 @@ def test_run_flushes_subnormals_inside_and_restores_torch_settings():
     assert int(subnormal.mul(1.0).count_nonzero()) == subnormal.numel()
     assert torch.get_num_threads() == threads
     assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_train_head_reads_only_the_chosen_layer_of_the_store(tmp_path):
+    """A head on one layer (an index or `best`) reads that layer's slice; only layer 2 of the
+    store carries the class, so layer 2 learns, layer 0 does not, and `best` -> 2 equals 2."""
+    import csv
+    import json
+
+    from features.store import StoreUpdate
+    from models.run import load_pooled, read_predictions, train_head
+    from features.manifest import read_manifest
+
+    rng = np.random.default_rng(0)
+    n, layers, dim = 120, 3, 8
+    y = np.arange(n) % len(CLASSES)
+    ids = [f"c{i:03d}" for i in range(n)]
+    pooled = rng.normal(size=(n, layers, dim)).astype(np.float32)
+    pooled[:, 2] += rng.normal(scale=3.0, size=(len(CLASSES), dim))[y]
+    with StoreUpdate(tmp_path / "features" / "enc", "embedding", {"encoder": "enc"},
+                     {c: f"k{c}" for c in ids}) as up:
+        for i, cid in enumerate(ids):
+            up.add(cid, None, pooled=pooled[i].astype(np.float16))
+    with open(tmp_path / "manifest.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["clip_id", "path", "size", "sha256", "duration_s", "label", "fold", "split"])
+        for i, cid in enumerate(ids):
+            w.writerow([cid, f"v/{cid}.mp4", 1, "0" * 64, 1.0, CLASSES[y[i]], i % 4, "labelled"])
+    clips = read_manifest(tmp_path / "manifest.csv")
+    one, _, _ = load_pooled(tmp_path / "features", ["enc"], clips, {"enc": 2})
+    every, _, _ = load_pooled(tmp_path / "features", ["enc"], clips)
+    assert one["enc"].shape == (n, dim) and every["enc"].shape == (n, layers, dim)
+    np.testing.assert_array_equal(one["enc"], every["enc"][:, 2])
+    (tmp_path / "probe" / "enc").mkdir(parents=True)
+    (tmp_path / "probe" / "enc" / "best.json").write_text(json.dumps({"best_layer": 2}))
+
+    def scores(layer):
+        cfg = HeadConfig(type="probe", features=["enc"], layer=layer, **FAST)
+        out = train_head(f"h{layer}", cfg, TrainConfig(seed=0, threads=1), tmp_path / "manifest.csv",
+                         tmp_path / "features", tmp_path / f"out_{layer}", probe_dir=tmp_path / "probe")
+        rows = read_predictions(out / "predictions.csv")
+        probs = np.array([[float(r[c]) for c in CLASSES] for r in rows])
+        return compute_metrics(np.array([CLASSES.index(r["label"]) for r in rows]), probs), probs
+
+    (good, p2), (bad, _), (_, pbest) = scores(2), scores(0), scores("best")
+    assert good["weighted_f1"] > 0.8 and bad["weighted_f1"] < 0.4  # chance ~0.17
+    np.testing.assert_array_equal(p2, pbest)

@@ -21,6 +21,7 @@ import transformers
 from packaging.version import Version
 from tqdm.auto import tqdm
 
+from features import hashcache
 from features.config import resolve_model_path
 from features.encoders.pooling import check_pooling, span_picks, span_pool, spans_to_mask
 from features.errors import ConfigError, ModelLoadError
@@ -406,13 +407,16 @@ def weights_hash(path: str, gguf_file: str, config: Any) -> str:
     else:
         revision = getattr(config, "_commit_hash", None)
         return f"hub:{path}@{revision or 'unknown'}"
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(file.name.encode())
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(block)
-    return f"sha256:{digest.hexdigest()}"
+    def compute() -> str:
+        digest = hashlib.sha256()
+        for file in files:
+            digest.update(file.name.encode())
+            with open(file, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 22), b""):
+                    digest.update(block)
+        return f"sha256:{digest.hexdigest()}"
+
+    return hashcache.cached("weights", files, compute)
 
 
 def weight_files(folder: Path, gguf_file: str = "") -> list[Path]:
