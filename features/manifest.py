@@ -97,10 +97,7 @@ def find_videos(folder: str | os.PathLike, extensions: list[str]) -> dict[str, P
 
 def assign_folds(labels: list[str], folds: int, seed: int) -> np.ndarray:
     """Seeded stratified fold ids. Classes with fewer clips than folds are spread round-robin."""
-    from sklearn.model_selection import StratifiedKFold
-
     y = np.array(labels)
-    out = np.zeros(len(y), dtype=np.int64)
     smallest = min(np.unique(y, return_counts=True)[1]) if len(y) else 0
     n_splits = min(folds, int(smallest))
     if n_splits < folds:
@@ -109,9 +106,26 @@ def assign_folds(labels: list[str], folds: int, seed: int) -> np.ndarray:
     if n_splits < 2:
         raise ConfigError(f"cannot make cross-validation folds: a class has {smallest} labelled "
                           f"clip(s); every class needs at least 2.")
-    skf = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    for k, (_, held) in enumerate(skf.split(np.zeros(len(y)), y)):
-        out[held] = k
+    return stratified_folds(y, n_splits, seed)
+
+
+def stratified_folds(y: np.ndarray, n_splits: int, seed: int) -> np.ndarray:
+    """The test-fold ids of sklearn's StratifiedKFold(n_splits, shuffle=True, random_state=seed),
+    computed the same way (tests/test_manifest.py checks they are identical): importing sklearn
+    costs ~1.5 s, paid by `prepare` on every run, one clip added or not."""
+    _, first, inverse = np.unique(y, return_index=True, return_inverse=True)
+    _, class_perm = np.unique(first, return_inverse=True)  # classes in order of appearance
+    encoded = class_perm[inverse]
+    n_classes = len(first)
+    order = np.sort(encoded)
+    allocation = np.asarray([np.bincount(order[i::n_splits], minlength=n_classes)
+                             for i in range(n_splits)])
+    rng = np.random.RandomState(seed)
+    out = np.empty(len(y), dtype=np.int64)
+    for k in range(n_classes):
+        folds_for_class = np.arange(n_splits).repeat(allocation[:, k])
+        rng.shuffle(folds_for_class)
+        out[encoded == k] = folds_for_class
     return out
 
 

@@ -2,6 +2,7 @@
 import csv
 import subprocess
 
+import numpy as np
 import pytest
 
 from features.errors import ConfigError
@@ -107,3 +108,21 @@ def test_probe_cache_skips_unchanged_files_and_catches_changed_ones(tmp_path, on
     (tmp_path / "video/c5.mp4").unlink()  # removed clips leave the cache
     prepare(cfg, tmp_path / "out")
     assert not any("/c5.mp4|" in k for k in manifest.read_json(tmp_path / "out/probes.json")["probes"])
+
+
+@pytest.mark.parametrize("seed,n_splits,n", [(0, 5, 72), (1, 5, 5030), (7, 3, 40), (123, 4, 333)])
+def test_stratified_folds_are_sklearns(seed, n_splits, n):
+    """prepare's folds equal sklearn's StratifiedKFold(shuffle=True) without importing it."""
+    from sklearn.model_selection import StratifiedKFold
+
+    from features.manifest import stratified_folds
+
+    rng = np.random.default_rng(seed)
+    # imbalanced like MER2024 (surprise 3.8 %), names in a shuffled order of first appearance
+    y = rng.choice(["neutral", "angry", "happy", "sad", "worried", "surprise"], size=n,
+                   p=[0.25, 0.24, 0.21, 0.14, 0.12, 0.04])
+    expected = np.empty(n, dtype=np.int64)
+    for k, (_, held) in enumerate(StratifiedKFold(n_splits, shuffle=True, random_state=seed)
+                                  .split(np.zeros(n), y)):
+        expected[held] = k
+    np.testing.assert_array_equal(stratified_folds(y, n_splits, seed), expected)

@@ -1,0 +1,30 @@
+"""The concatenation MLP baseline: the head every fusion head must beat."""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from models.blocks import Dropout, Linear
+
+
+class ConcatHead(nn.Module):
+    """The plain multimodal baseline: an MLP with two hidden layers on the concatenated features.
+
+    Unlike `probe` (one hidden layer, or linear; meant for one modality and layer probing), this
+    is the reference every fusion head must beat: same inputs, no modality structure.
+    """
+
+    def __init__(self, feature_dims: Mapping[str, int], hidden: int, dropout: float,
+                 n_classes: int, members: int = 1):
+        super().__init__()
+        self.names = list(feature_dims)
+        self.net = nn.Sequential(
+            Dropout(dropout), Linear(sum(feature_dims.values()), hidden, members), nn.ReLU(),
+            Dropout(dropout), Linear(hidden, hidden, members), nn.ReLU(),
+            Dropout(dropout), Linear(hidden, n_classes, members),
+        )
+
+    def forward(self, feats: Mapping[str, Tensor]) -> Tensor:
+        return self.net(torch.cat([feats[n] for n in self.names], dim=-1))
