@@ -1,6 +1,6 @@
 """Incremental cost of the DVC pipeline: adding 1 % more clips, and a no-op `dvc repro` at scale.
 
-    python benchmarks/incremental.py [--clips 300] [--noop-clips 5000] [--workdir DIR] [--keep]
+    python benchmarks/incremental.py [--clips 450] [--noop-clips 5000] [--workdir DIR] [--keep]
 
 (a) add_1pct_cost_ratio: a fresh git+DVC project holding this repository's code and dvc.yaml (as
     tests/test_pipeline.py builds it) with N synthetic labelled clips of MER2024-like lengths
@@ -353,7 +353,7 @@ def print_tables(add: dict | None, noop: dict | None) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--clips", type=int, default=300, help="clips of the full run in (a)")
+    p.add_argument("--clips", type=int, default=450, help="clips of the full run in (a)")
     p.add_argument("--noop-clips", type=int, default=5000, help="corpus size in (b)")
     p.add_argument("--noop-seconds", type=float, default=0.2, help="clip length in (b)")
     p.add_argument("--skip", choices=["add", "noop"], action="append", default=[])
