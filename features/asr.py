@@ -32,6 +32,10 @@ class AsrConfig:
     device: str = "cpu"
     compute_type: str = "int8"  # CTranslate2 type; transformers uses float16 on cuda, else float32
     transcripts_csv: str = ""  # CSV name,text (or MER's name,english/chinese); wins over ASR
+    # faster_whisper: retry hard segments by sampling at rising temperatures (its own default).
+    # Off: greedy/beam decoding only, so a re-extraction gives the same transcripts (with it on,
+    # 9 of the 108 demo clips came out differently between two runs).
+    temperature_fallback: bool = False
 
 
 class AsrBackend(Protocol):
@@ -164,9 +168,10 @@ class FasterWhisper:
 
     def transcribe(self, wav16k: np.ndarray, clip_id: str) -> str:
         try:
+            extra = {} if self.cfg.temperature_fallback else {"temperature": 0.0}
             segments, _ = self.model.transcribe(np.asarray(wav16k, dtype=np.float32),
                                                 language=self.cfg.language or None,
-                                                beam_size=self.cfg.beam_size)
+                                                beam_size=self.cfg.beam_size, **extra)
             return _clean("".join(s.text for s in segments))
         except Exception as err:  # noqa: BLE001 - one clip's failure must not stop the stage
             raise _asr_failed(clip_id, "faster-whisper", err) from err

@@ -110,6 +110,7 @@ def test_probe_cache_skips_unchanged_files_and_catches_changed_ones(tmp_path, on
     assert not any("/c5.mp4|" in k for k in manifest.read_json(tmp_path / "out/probes.json")["probes"])
 
 
+@pytest.mark.filterwarnings("ignore:The least populated class")  # sklearn's, on tiny classes
 @pytest.mark.parametrize("seed,n_splits,n", [(0, 5, 72), (1, 5, 5030), (7, 3, 40), (123, 4, 333)])
 def test_stratified_folds_are_sklearns(seed, n_splits, n):
     """prepare's folds equal sklearn's StratifiedKFold(shuffle=True) without importing it."""
