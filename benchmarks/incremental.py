@@ -7,10 +7,10 @@
     (log-normal, mean 4.25 s, median 3.81 s) and the demo pipeline with tiny models. Timed in two
     parts, each a `dvc repro`: "extract" = `dvc repro faces embed@hubert embed@minilm` (prepare,
     audio, denoise (the demo's real DeepFilterNet3), asr (faster-whisper, the real Whisper tiny.en
-    of the demo; every other clip has a user transcript), faces, embed@hubert (random-weight HuBERT stand-in),
-    embed@minilm (real all-MiniLM-L6-v2)): the per-clip stages, which must cost k/N; then
-    "heads" = the rest of the DAG (probes, train@probe_hubert, train@attention, ensemble,
-    evaluate), which refits on all clips by nature. Then N/100 labelled clips are added and both
+    of the demo; every other clip has a user transcript), faces, embed@hubert (random-weight
+    HuBERT stand-in), embed@minilm (real all-MiniLM-L6-v2)): the per-clip stages, which must cost
+    k/N; then "heads" = the rest of the DAG (probes, train@probe_hubert, train@attention,
+    ensemble, evaluate), which refits on all clips by nature. Then N/100 labelled clips are added and both
     parts are timed again. `add_1pct_cost_ratio` = extract(add) / extract(full);
     `add_1pct_cost_ratio_whole_dag` = (extract + heads)(add) / (extract + heads)(full). Per-stage
     wall times come from the timestamps of DVC's "Running stage" lines (a stage's time includes

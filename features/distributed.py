@@ -95,8 +95,8 @@ def rank_stores(out: Path, world: int) -> list[Path]:
 
 def merge(out: Path, kind: str, meta: Mapping, wanted: Mapping[str, str], parts: list[Path]) -> Path:
     """Bring `out` to `wanted` from its own valid clips plus the rank stores' clips."""
-    with StoreUpdate(out, kind, meta, wanted, compression=meta.get("compression"),
-                     shard_mb=meta.get("shard_mb", 1024.0)) as up:
+    with StoreUpdate(out, kind, meta, wanted, compression=meta["compression"],
+                     shard_mb=meta["shard_mb"]) as up:  # the layout embed_store put in meta
         todo = set(up.todo)
         for path in parts:
             if (path / "store.json").is_file():

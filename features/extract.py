@@ -18,7 +18,8 @@ from features.config import as_dict, resolve_model_path
 from features.denoise import DenoiseConfig, make_denoiser
 from features.faces import FacesConfig, extract_faces
 from features.manifest import read_manifest
-from features.media import load_audio, sha256_file
+from features.hashcache import sha256_file as sha256_weights
+from features.media import load_audio
 from features.reports import FailureReport, read_json, write_json_atomic
 from features.store import StoreReader, StoreUpdate, clip_key
 
@@ -84,7 +85,7 @@ def asr_fingerprint(cfg: AsrConfig) -> dict:
     path = Path(resolve_model_path(cfg.model))
     files = sorted(p for p in path.iterdir() if p.suffix in (".bin", ".safetensors")) \
         if path.is_dir() else []
-    weights = {f.name: sha256_file(f) for f in files} or f"hub:{cfg.model}"
+    weights = {f.name: sha256_weights(f) for f in files} or f"hub:{cfg.model}"
     settings = {k: v for k, v in as_dict(cfg).items() if k not in ("device", "transcripts_csv")}
     return {**settings, "weights": weights, "code": CODE_VERSION}
 

@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
+from features import media
+
 MIN_BYTES = 16 * 2**20  # smaller files hash faster than the cache lookup is worth
 _FILE = "hashes.json"
 
@@ -47,6 +49,12 @@ def cached(kind: str, files: Sequence[Path], compute: Callable[[], str]) -> str:
         table[key] = digest
         _write(folder, table)
     return digest
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """`features.media.sha256_file`, remembered while the file is unchanged: for weight files,
+    which every run fingerprints (videos have prepare's own probe cache)."""
+    return cached("sha256", [Path(path)], lambda: media.sha256_file(path))
 
 
 def _read(path: Path) -> dict:

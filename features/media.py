@@ -15,7 +15,6 @@ from pathlib import Path
 import ffmpeg
 import numpy as np
 
-from features import hashcache
 from features.errors import ClipError, ConfigError
 
 
@@ -150,13 +149,10 @@ def _decode_error(clip_id: str, src: str, stderr: str) -> ClipError:
 # ---------------------------------------------------------------- hashing
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes, read in chunks so large videos and weights fit in memory;
-    large files' digests are reused while the file is unchanged (features.hashcache)."""
-    def compute() -> str:
-        digest = hashlib.sha256()
-        with open(path, "rb") as fh:
-            while block := fh.read(chunk):
-                digest.update(block)
-        return digest.hexdigest()
-
-    return hashcache.cached("sha256", [Path(path)], compute)
+    """Hex SHA-256 of a file's bytes, read in chunks so large videos and weights fit in memory.
+    For model weights, hashed on every run, use `features.hashcache.sha256_file`."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -6,7 +6,8 @@ import pytest
 
 from features import hashcache
 from features.encoders.base import weights_hash
-from features.media import sha256_file
+from features.hashcache import sha256_file
+from features.media import sha256_file as plain_sha256
 
 
 @pytest.fixture
@@ -48,11 +49,21 @@ def test_real_digests_equal_uncached_ones(tmp_path, cache, monkeypatch):
     expected = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
     assert sha256_file(folder / "model.safetensors") == expected
     assert sha256_file(folder / "model.safetensors") == expected  # from the cache
+    assert plain_sha256(folder / "model.safetensors") == expected
     cached = weights_hash(str(folder), "", None)
     assert weights_hash(str(folder), "", None) == cached
     monkeypatch.setenv("MER_CACHE_DIR", "off")
     assert weights_hash(str(folder), "", None) == cached  # same fingerprint with no cache
     assert (cache / "hashes.json").is_file()
+
+
+def test_videos_are_not_put_in_the_weight_cache(tmp_path, cache):
+    """prepare hashes every video through media.sha256_file, which keeps no cache of its own
+    (prepare has its probe cache): the weight cache stays small."""
+    f = tmp_path / "clip.mp4"
+    f.write_bytes(os.urandom(100))
+    plain_sha256(f)
+    assert not (cache / "hashes.json").exists()
 
 
 def test_damaged_cache_or_off_means_recompute(tmp_path, cache, monkeypatch):

@@ -26,7 +26,8 @@ def load_encoder(cfg: EncoderConfig) -> Encoder:
         importlib.import_module(f"features.encoders.{cfg.family}")  # registers the family
     if cfg.family not in FAMILIES:
         raise ConfigError(
-            f"encoder family {cfg.family!r} is unknown; known families are {sorted({*FAMILIES, *FAMILY_MODULES})}. "
+            f"encoder family {cfg.family!r} is unknown; known families are "
+            f"{sorted({*FAMILIES, *FAMILY_MODULES})}. "
             f"Set `family:` in params.yaml embed.encoders."
         )
     return FAMILIES[cfg.family](cfg)
