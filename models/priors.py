@@ -1,0 +1,175 @@
+"""Prior-shift correction: class priors of a target set by EM, and posteriors re-weighted to them.
+
+A classifier's posteriors carry the class priors it was trained under (its *source* priors).
+When the target set (the unlabelled pool, or the test clips) has other priors, Bayes' rule
+gives the corrected posteriors  p'(c|x) ∝ (q_c / π_c) p(c|x)  with π the source and q the
+target priors. The target priors are either given by the user (paper 001 found MER2024's by
+probing the leaderboard) or estimated with the EM algorithm of Saerens, Latinne and
+Decaestecker (2002, "Adjusting the outputs of a classifier to new a priori probabilities"):
+
+    E-step: p_s(c|x_i) ∝ (q_s(c) / π_c) p(c|x_i)      M-step: q_{s+1}(c) = mean_i p_s(c|x_i)
+
+which increases the likelihood of the target clips under the shifted priors at every step.
+
+Source priors: the heads of this project train with class-weighted ("balanced") cross
+entropy by default, which makes every class equally likely a priori, so their posteriors carry
+*uniform* source priors; a head trained without weights carries the labelled set's class
+frequencies (`source: labels`).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from features.errors import ConfigError
+from models.config import CLASSES
+
+SOURCES = ("uniform", "labels")
+METHODS = ("none", "em", "file")
+EPS = 1e-12
+
+
+@dataclass
+class PriorsConfig:
+    """params.yaml `priors`: prior-shift correction of heads' or ensembles' predictions."""
+
+    method: str = "none"  # none | em (estimate the target priors) | file (user-given priors)
+    file: str = ""  # method=file: JSON {class: prior} or CSV class,prior
+    heads: list[str] = field(default_factory=list)  # trained heads / ensembles to correct
+    source: str = "uniform"  # the priors the heads' posteriors carry: uniform (class-weighted
+    #                          training, the default of train.heads) or labels (unweighted)
+    target: str = "test"  # which unlabelled rows set the priors: test (videos folder, no label)
+    #                       | pool (prepare.unlabelled folder) | all
+    max_iter: int = 1000
+    tol: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"priors.method {self.method!r} is unknown; use one of "
+                              f"{list(METHODS)}.")
+        if self.method == "file" and not self.file:
+            raise ConfigError("priors.method is 'file' but priors.file is empty; give a JSON "
+                              "{class: prior} or CSV class,prior file, or use method: em.")
+        if self.source not in SOURCES:
+            raise ConfigError(f"priors.source {self.source!r} is unknown; use one of "
+                              f"{list(SOURCES)}.")
+        if self.target not in ("test", "pool", "all"):
+            raise ConfigError(f"priors.target {self.target!r} must be test, pool or all.")
+        if self.max_iter < 1 or not self.tol > 0:
+            raise ConfigError(f"priors.max_iter={self.max_iter} must be >= 1 and "
+                              f"priors.tol={self.tol} > 0.")
+
+
+@dataclass
+class PriorEstimate:
+    priors: np.ndarray  # [C] estimated target priors
+    iterations: int
+    converged: bool
+    log_likelihood: list[float]  # per iteration (non-decreasing: a test checks)
+
+
+def adjust(probs: np.ndarray, source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Posteriors [N, C] re-weighted from source to target priors (Bayes' rule, renormalised)."""
+    probs = _checked_probs(probs)
+    ratio = _checked_priors(target, "target") / _checked_priors(source, "source")
+    out = probs * ratio
+    return out / np.maximum(out.sum(axis=1, keepdims=True), EPS)
+
+
+def em_priors(probs: np.ndarray, source: np.ndarray, max_iter: int = 1000,
+              tol: float = 1e-8) -> PriorEstimate:
+    """Saerens et al. (2002): the target priors that maximise the likelihood of `probs`' rows."""
+    probs = _checked_probs(probs)
+    if len(probs) == 0:
+        raise ConfigError("EM prior estimation needs at least one target clip; the target set "
+                          "is empty (check priors.target and the unlabelled clips).")
+    source = _checked_priors(source, "source")
+    q = source.copy()
+    history: list[float] = []
+    for it in range(1, max_iter + 1):
+        weighted = probs * (q / source)
+        norm = np.maximum(weighted.sum(axis=1, keepdims=True), EPS)
+        history.append(float(np.log(norm).sum()))  # log-likelihood ratio of q against source
+        new = (weighted / norm).mean(axis=0)
+        if np.abs(new - q).sum() < tol:
+            return PriorEstimate(new, it, True, history)
+        q = new
+    return PriorEstimate(q, max_iter, False, history)
+
+
+def source_priors(kind: str, labels: np.ndarray | None = None) -> np.ndarray:
+    """uniform, or the class frequencies of integer `labels` (every class must occur)."""
+    if kind == "uniform":
+        return np.full(len(CLASSES), 1.0 / len(CLASSES))
+    if kind != "labels":
+        raise ConfigError(f"source priors {kind!r} must be one of {list(SOURCES)}.")
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(CLASSES))
+    if (counts == 0).any():
+        missing = [c for c, n in zip(CLASSES, counts) if n == 0]
+        raise ConfigError(f"source: labels needs every class in the labelled set; {missing} have "
+                          f"no clip. Use priors.source: uniform.")
+    return counts / counts.sum()
+
+
+def read_priors(path: str | os.PathLike) -> np.ndarray:
+    """User priors from JSON {class: p} or CSV lines `class,prior`; all classes, sum 1 (±1e-3)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"priors file {path} does not exist; set priors.file (or --priors) to "
+                          f"a JSON {{class: prior}} or CSV class,prior file.")
+    text = path.read_text()
+    try:
+        given = json.loads(text) if path.suffix == ".json" else _csv_priors(text)
+    except (ValueError, json.JSONDecodeError) as err:
+        raise ConfigError(f"priors file {path} is not readable: {err}. Write JSON "
+                          f"{{class: prior}} or CSV lines class,prior.") from err
+    return priors_from_mapping(given, str(path))
+
+
+def priors_from_mapping(given: Mapping[str, float], where: str) -> np.ndarray:
+    if not isinstance(given, Mapping):
+        raise ConfigError(f"{where}: priors must map each class to a probability.")
+    unknown = sorted(set(given) - set(CLASSES))
+    missing = [c for c in CLASSES if c not in given]
+    if unknown or missing:
+        raise ConfigError(f"{where}: priors need exactly the classes {list(CLASSES)}; unknown "
+                          f"{unknown}, missing {missing}.")
+    p = np.array([float(given[c]) for c in CLASSES])
+    if (p <= 0).any() or abs(p.sum() - 1.0) > 1e-3:
+        raise ConfigError(f"{where}: priors must be > 0 and sum to 1, got {p.tolist()} "
+                          f"(sum {p.sum():.4f}).")
+    return p / p.sum()
+
+
+def as_mapping(priors: np.ndarray) -> dict[str, float]:
+    return {c: round(float(p), 6) for c, p in zip(CLASSES, priors)}
+
+
+def _csv_priors(text: str) -> dict[str, float]:
+    rows = [line.split(",") for line in text.splitlines() if line.strip()]
+    if rows and rows[0][0].strip().lower() in ("class", "name"):
+        rows = rows[1:]  # header
+    if any(len(r) != 2 for r in rows):
+        raise ValueError("every line must be class,prior")
+    return {r[0].strip().lower(): float(r[1]) for r in rows}
+
+
+def _checked_probs(probs: np.ndarray) -> np.ndarray:
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or probs.shape[1] != len(CLASSES):
+        raise ConfigError(f"posteriors must be [N, {len(CLASSES)}], got {probs.shape}.")
+    if (probs < 0).any() or not np.isfinite(probs).all():
+        raise ConfigError("posteriors must be finite and >= 0.")
+    return probs
+
+
+def _checked_priors(p: np.ndarray, what: str) -> np.ndarray:
+    p = np.asarray(p, dtype=np.float64)
+    if p.shape != (len(CLASSES),) or (p <= 0).any():
+        raise ConfigError(f"{what} priors must be {len(CLASSES)} values > 0, got {p.tolist()}.")
+    return p / p.sum()

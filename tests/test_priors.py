@@ -1,0 +1,87 @@
+"""EM prior-shift correction (Saerens et al. 2002) against a planted prior shift."""
+import json
+
+import numpy as np
+import pytest
+
+from features.errors import ConfigError
+from models.config import CLASSES
+from models.priors import (PriorsConfig, adjust, em_priors, read_priors, source_priors)
+
+C = len(CLASSES)
+
+
+def bayes_posteriors(n, priors, source, seed=0, sep=2.0):
+    """Labels drawn with `priors`; exact Bayes posteriors of unit Gaussians around class means,
+    computed under the `source` priors (what a classifier trained there would output)."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(scale=sep, size=(C, 4))
+    y = rng.choice(C, size=n, p=priors)
+    x = means[y] + rng.normal(size=(n, 4))
+    loglik = -0.5 * ((x[:, None, :] - means[None]) ** 2).sum(-1)
+    post = np.exp(loglik - loglik.max(1, keepdims=True)) * source
+    return post / post.sum(1, keepdims=True), y
+
+
+def test_em_recovers_planted_priors_within_002():
+    planted = np.array([0.05, 0.35, 0.1, 0.3, 0.15, 0.05])
+    probs, y = bayes_posteriors(20_000, planted, source_priors("uniform"))
+    est = em_priors(probs, source_priors("uniform"))
+    assert est.converged
+    # within 0.02 of every planted prior; L1 from the sample's own class shares (the planted
+    # priors plus sampling noise of ~0.015 L1 at this size) also under 0.02
+    assert np.abs(est.priors - planted).max() < 0.02
+    assert np.abs(est.priors - np.bincount(y, minlength=C) / len(y)).sum() < 0.02
+    # the naive estimate (mean of the unadjusted posteriors) is visibly worse: EM did the work
+    assert np.abs(probs.mean(0) - planted).sum() > 2 * np.abs(est.priors - planted).sum()
+    assert np.all(np.diff(est.log_likelihood) >= -1e-9)  # EM never lowers the likelihood
+
+
+def test_em_on_unshifted_set_keeps_source_priors():
+    source = np.array([0.3, 0.1, 0.2, 0.15, 0.15, 0.1])
+    probs, _ = bayes_posteriors(20_000, source, source, seed=1)
+    est = em_priors(probs, source)
+    assert np.abs(est.priors - source).sum() < 0.03
+
+
+def test_adjust_raises_accuracy_under_shift():
+    planted = np.array([0.6, 0.04, 0.04, 0.04, 0.24, 0.04])
+    probs, y = bayes_posteriors(10_000, planted, source_priors("uniform"), seed=2, sep=0.8)
+    before = (probs.argmax(1) == y).mean()
+    after = (adjust(probs, source_priors("uniform"), planted).argmax(1) == y).mean()
+    assert after > before + 0.05
+    assert np.allclose(adjust(probs, planted, planted), probs)
+
+
+def test_read_priors_json_and_csv(tmp_path):
+    p = tmp_path / "p.json"
+    p.write_text(json.dumps({c: 1 / C for c in CLASSES}))
+    assert np.allclose(read_priors(p), 1 / C)
+    q = tmp_path / "p.csv"
+    q.write_text("class,prior\n" + "".join(f"{c},{1 / C}\n" for c in CLASSES))
+    assert np.allclose(read_priors(q), 1 / C)
+
+
+@pytest.mark.parametrize("given, words", [
+    ({c: 1 / C for c in CLASSES[:-1]}, "missing ['surprise']"),
+    ({**{c: 1 / C for c in CLASSES}, "bored": 0.0}, "unknown ['bored']"),
+    ({c: 0.5 for c in CLASSES}, "sum to 1"),
+])
+def test_read_priors_errors_name_the_problem(tmp_path, given, words):
+    p = tmp_path / "p.json"
+    p.write_text(json.dumps(given))
+    with pytest.raises(ConfigError, match=words.replace("[", r"\[").replace("]", r"\]")):
+        read_priors(p)
+    with pytest.raises(ConfigError, match="does not exist"):
+        read_priors(tmp_path / "none.json")
+
+
+def test_config_and_empty_target_errors():
+    with pytest.raises(ConfigError, match="priors.file"):
+        PriorsConfig(method="file")
+    with pytest.raises(ConfigError, match="priors.method"):
+        PriorsConfig(method="guess")
+    with pytest.raises(ConfigError, match="target set is empty"):
+        em_priors(np.zeros((0, C)), source_priors("uniform"))
+    with pytest.raises(ConfigError, match="uniform"):
+        source_priors("labels", np.array([0, 1, 2]))
