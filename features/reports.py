@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from features import faults
 from features.errors import ClipError
 
 
@@ -14,13 +16,21 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
     """Write JSON to a temporary file, fsync, then rename: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=1, ensure_ascii=False, sort_keys=True)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    # A name of its own per write: two processes writing one file never share a temporary.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with open(fd, "w", encoding="utf-8") as fh:
+            text = json.dumps(data, indent=1, ensure_ascii=False, sort_keys=True) + "\n"
+            fh.write(text[: len(text) // 2])
+            faults.point("json.mid_write", path.name)
+            fh.write(text[len(text) // 2:])
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would differ from a plain open()
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
 
 

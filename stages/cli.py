@@ -3,6 +3,7 @@
     mer prepare --out artifacts/prepare          (any stage: mer STAGE --help)
     mer standins artifacts/standins              build the random-weight demo stand-ins
     mer store inspect artifacts/features/hubert
+    mer store prune artifacts                    delete clips stores keep after they left the input
     mer status [--json]                          clips per stage: done / failed / pending / blocked
     mer predict VIDEO [VIDEO...] [--head H] [--json]   emotion + class probabilities per video
     mer metrics [results/metrics.json]           one line per head: weighted F1, accuracy, macro F1
@@ -33,7 +34,8 @@ def _inspect(argv: list[str]) -> None:
         print(json.dumps(info, indent=1))
         return
     print(f"{info['path']}: {info['kind']} store, {info['clips']} clips, "
-          f"{info['bytes'] / 1e6:.1f} MB")
+          f"{info['bytes'] / 1e6:.1f} MB" + (f", {info['kept']} kept (`mer store prune`)"
+                                            if info["kept"] else ""))
     if "pooled" in info:
         pooled = info["pooled"]
         print(f"  pooled: {pooled['layers']} layers x {pooled['dim']} dims, {pooled['dtype']}")
@@ -42,6 +44,22 @@ def _inspect(argv: list[str]) -> None:
               f"{info['per_clip']['dtype']}")
     for key, value in info["meta"].items():
         print(f"  {key}: {json.dumps(value) if not isinstance(value, str) else value}")
+
+
+def _prune(argv: list[str]) -> None:
+    from pathlib import Path
+    from features.store import INDEX, prune
+    p = argparse.ArgumentParser(prog="mer store prune", description="Delete the clips a store "
+                                "keeps although its stage's input no longer has them.")
+    p.add_argument("paths", nargs="+", help="stores, or folders searched for stores")
+    args = p.parse_args(argv)
+    for path in args.paths:
+        stores = [Path(path)] if (Path(path) / INDEX).is_file() else \
+            sorted(i.parent for i in Path(path).rglob(INDEX) if ".ranks" not in i.parts)
+        if not stores:
+            raise MerError(f"no store at or under {path}.")
+        for store in stores:
+            print(f"{store}: {prune(store)} kept clip(s) deleted")
 
 
 def _status(argv: list[str]) -> None:
@@ -142,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
             _standins(rest)
         elif cmd == "store" and rest[:1] == ["inspect"]:
             _inspect(rest[1:])
+        elif cmd == "store" and rest[:1] == ["prune"]:
+            _prune(rest[1:])
         else:
             print(f"mer: unknown command {' '.join(argv[:2])!r}\n{usage}", file=sys.stderr)
             return 2
