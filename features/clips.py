@@ -20,16 +20,27 @@ T = TypeVar("T")
 CHECKPOINT_S = float(os.environ.get("MER_CHECKPOINT_S", "20"))
 
 
+def check_not_all_failed(desc: str, seen: int, done: int, reused: int,
+                         failures: FailureReport) -> None:
+    """Fail the stage when it produced nothing at all: every clip it tried failed and no clip
+    came from the cache. One permanently bad new clip next to cached ones is a bad clip, not a
+    configuration problem, and must not stop the run."""
+    if seen and not done and not reused:
+        first = failures.items[0] if failures.items else None
+        raise MerError(f"{desc}: every one of {seen} clips failed; first: "
+                       f"{first.clip_id if first else '?'}: {first.message if first else '?'}")
+
+
 def for_each_clip(items: Iterable[tuple[str, T]], work: Callable[[str, T], None],
                   failures: FailureReport, desc: str, total: int | None = None,
-                  checkpoint: Callable[[], None] | None = None) -> int:
+                  checkpoint: Callable[[], None] | None = None, reused: int = 0) -> int:
     """Call ``work(clip_id, item)`` for every item; one bad clip is recorded, never fatal.
 
     A ClipError is an expected data problem (its reason is recorded). Any other exception is
     recorded as ``error`` with its type, and its traceback logged, so a bug shows up in the report
-    instead of stopping a run of thousands. If every clip fails, the stage fails: that is a
-    configuration problem, not a bad clip. `checkpoint` (persist finished work) is called every
-    CHECKPOINT_S seconds. Returns the number of clips done.
+    instead of stopping a run of thousands. If every clip fails and none was `reused` from the
+    cache, the stage fails: that is a configuration problem, not a bad clip. `checkpoint`
+    (persist finished work) is called every CHECKPOINT_S seconds. Returns the number of clips done.
     """
     done = seen = 0
     start = last_checkpoint = time.perf_counter()
@@ -51,8 +62,5 @@ def for_each_clip(items: Iterable[tuple[str, T]], work: Callable[[str, T], None]
     elapsed = time.perf_counter() - start
     print(f"[{desc}] {done}/{seen} clips done, {seen - done} failed, "
           f"{elapsed:.1f} s ({done / max(elapsed, 1e-9):.1f} clips/s)")
-    if seen and not done:
-        first = failures.items[0] if failures.items else None
-        raise MerError(f"{desc}: every one of {seen} clips failed; first: "
-                       f"{first.clip_id if first else '?'}: {first.message if first else '?'}")
+    check_not_all_failed(desc, seen, done, reused, failures)
     return done

@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 
 from features import distributed as dist
+from features.clips import check_not_all_failed
 from features.encoders import EncoderConfig, load_encoder
 from features.engine import Engine
-from features.errors import ConfigError, MerError
+from features.errors import ConfigError
 from features.extract import read_transcripts
 from features.reports import FailureReport
 from features.store import StoreReader, StoreUpdate, clip_key
@@ -134,10 +135,7 @@ def _encode_into(path: Path, meta: dict, wanted: dict, encoder, inputs: Inputs,
         engine = Engine(encoder, workers=workers, desc=f"embed[{name}]")
         summary = engine.run(up.todo, inputs.load, sink, failures.add_error, tick=up.checkpoint,
                              tick_s=dist.checkpoint_seconds())
-        if summary.clips and not summary.done:
-            first = failures.items[0] if failures.items else None
-            raise MerError(f"embed[{name}]: every one of {summary.clips} clips failed; first: "
-                           f"{first.clip_id if first else '?'}: {first.message if first else '?'}")
+        check_not_all_failed(f"embed[{name}]", summary.clips, summary.done, up.reused, failures)
     failures.write(report or path.parent / f"{path.name}.failures.json")
 
 

@@ -51,7 +51,7 @@ def extract_audio(manifest: str | os.PathLike, cfg: AudioConfig, out_dir: str | 
             wav = load_audio(clip.path, clip_id, sr=cfg.sample_rate)
             up.add(clip_id, wav.astype(np.float32), attrs={"sample_rate": cfg.sample_rate})
         for_each_clip(((cid, clips[cid]) for cid in up.todo), work, failures, "audio",
-                      total=len(up.todo), checkpoint=up.checkpoint)
+                      total=len(up.todo), checkpoint=up.checkpoint, reused=up.reused)
     failures.write(out / "failures.json")
     return out / AUDIO_DIR
 
@@ -73,7 +73,7 @@ def denoise_audio(audio_store: str | os.PathLike, cfg: DenoiseConfig,
                            attrs={"sample_rate": src.meta.get("sample_rate", 16000)})
                 for_each_clip(((cid, None) for cid in up.todo), work, failures,
                               f"denoise[{cfg.backend}]", total=len(up.todo),
-                              checkpoint=up.checkpoint)
+                              checkpoint=up.checkpoint, reused=up.reused)
     finally:
         denoiser.close()
     failures.write(out / "failures.json")
@@ -118,7 +118,7 @@ def transcribe_audio(audio_store: str | os.PathLike, cfg: AsrConfig,
         # Save finished transcripts every few clips so a killed run resumes where it stopped.
         save = lambda: write_json_atomic(out / TRANSCRIPTS_FILE, {"asr": fp, "transcripts": texts})  # noqa: E731
         for_each_clip(((cid, None) for cid in todo), work, failures, f"asr[{cfg.backend}]",
-                      total=len(todo), checkpoint=save)
+                      total=len(todo), checkpoint=save, reused=len(keys) - len(todo))
     save()
     failures.write(out / "failures.json")
     return out / TRANSCRIPTS_FILE
@@ -152,7 +152,7 @@ def crop_faces(manifest: str | os.PathLike, cfg: FacesConfig, out_dir: str | os.
             up.add(clip_id, faces.crops, attrs={"times": faces.times,
                                                 "detected": faces.detected.astype(np.uint8)})
         for_each_clip(((cid, clips[cid]) for cid in up.todo), work, failures, "faces",
-                      total=len(up.todo), checkpoint=up.checkpoint)
+                      total=len(up.todo), checkpoint=up.checkpoint, reused=up.reused)
     with StoreReader(out / FACES_DIR, kind="faces") as store:  # notes cover cached clips too
         for cid in store.ids:
             if not np.any(store.attrs(cid)["detected"]):
