@@ -24,6 +24,7 @@ Leakage rules, enforced by `run_rounds` (tests in tests/test_semi.py):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Mapping
 
 import numpy as np
@@ -32,7 +33,19 @@ from features.errors import ConfigError
 from models.config import CLASSES
 
 RULES = ("confidence", "vote")
+POOL, TEST = "pool", "test"
 NO_CAP = -1
+
+
+def target_groups(clips: list, unlabelled_dir: str) -> tuple[np.ndarray, np.ndarray]:
+    """(pool, test) masks over manifest clips: unlabelled clips under `prepare.unlabelled` are
+    the pool; unlabelled clips beside the labelled videos are the test clips users are scored
+    on (selectable only in transductive mode). Labelled clips are in neither."""
+    root = Path(unlabelled_dir).resolve() if unlabelled_dir else None
+    unl = np.array([not c.label for c in clips], dtype=bool)
+    pool = np.array([root is not None and Path(c.path).resolve().is_relative_to(root)
+                     for c in clips], dtype=bool) & unl
+    return pool, unl & ~pool
 
 
 @dataclass
