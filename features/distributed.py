@@ -2,7 +2,8 @@
 
 Each rank encodes every WORLD_SIZE-th clip still to do into its own store,
 ``<out>/.ranks/rank-<r>-of-<w>`` (a normal store: a killed rank resumes from its parts), then
-rank 0 copies all rank stores into ``<out>`` through the store API and deletes ``.ranks``.
+rank 0 copies all finished rank stores into ``<out>`` through the store API and deletes ``.ranks``
+only when every rank succeeded (a failed rank's finished parts are its rerun's resume point).
 The merged store is built by one `StoreUpdate` over the full `wanted` map, so it is packed in
 the same order, with the same keys and meta, as a single-process run. Rank stores live inside
 the output folder because rank 0 must read them: several nodes need a shared filesystem.
@@ -21,9 +22,9 @@ import torch.distributed as torch_dist
 
 from features.clips import CHECKPOINT_S
 from features.encoders import EncoderConfig
-from features.store import StoreError, StoreReader, StoreUpdate
+from features import faults
+from features.store import RANKS, StoreError, StoreReader, StoreUpdate
 
-RANKS = ".ranks"
 MERGE_CHECKPOINT_CLIPS = 256  # clips copied per part file while merging (bounds memory)
 
 
@@ -50,6 +51,17 @@ def barrier() -> None:
             torch_dist.barrier(device_ids=[torch.cuda.current_device()])
         else:
             torch_dist.barrier()
+
+
+def all_succeeded(ok: bool) -> bool:
+    """A barrier that also tells every rank whether every rank got here with ``ok``."""
+    if not torch_dist.is_initialized():
+        return ok
+    nccl = torch_dist.get_backend() == "nccl"
+    failed = torch.tensor([0 if ok else 1], device=f"cuda:{torch.cuda.current_device()}"
+                          if nccl else "cpu")
+    torch_dist.all_reduce(failed)
+    return int(failed.item()) == 0
 
 
 def rank_config(cfg: EncoderConfig) -> EncoderConfig:
@@ -105,16 +117,19 @@ def merge(out: Path, kind: str, meta: Mapping, wanted: Mapping[str, str], parts:
 
 
 def _copy(path: Path, up: StoreUpdate, todo: set[str]) -> None:
+    """Copy a rank store's clips in blocks: memory holds one block, not the rank store."""
     with StoreReader(path) as reader:
         ids = [cid for cid in reader.ids if cid in todo and reader.keys[cid] == up.wanted[cid]]
-        pooled = reader.pooled(ids=ids) if ids and reader.has_pooled else None  # [N, L, D]
-        for n, cid in enumerate(ids):
-            array = reader.get(cid) if _has_array(reader, cid) else None
-            up.add(cid, array, attrs=reader.attrs(cid) if array is not None else None,
-                   pooled=None if pooled is None else pooled[n])
-            todo.discard(cid)
-            if (n + 1) % MERGE_CHECKPOINT_CLIPS == 0:
-                up.checkpoint()
+        for start in range(0, len(ids), MERGE_CHECKPOINT_CLIPS):
+            block = ids[start:start + MERGE_CHECKPOINT_CLIPS]
+            pooled = reader.pooled(ids=block) if reader.has_pooled else None  # [n, L, D]
+            for n, cid in enumerate(block):
+                array = reader.get(cid) if _has_array(reader, cid) else None
+                up.add(cid, array, attrs=reader.attrs(cid) if array is not None else None,
+                       pooled=None if pooled is None else pooled[n])
+                todo.discard(cid)
+            up.checkpoint()
+            faults.point("distributed.mid_merge")
 
 
 def _has_array(reader: StoreReader, cid: str) -> bool:

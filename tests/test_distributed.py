@@ -100,3 +100,52 @@ def test_sharding_is_deterministic_and_skips_valid_clips(tmp_path):
     wanted = {**keys, "c1": "changed", **{cid: "new" for cid in ids[3:]}}
     assert still_to_do(tmp_path / "s", wanted) == ["c1", *ids[3:]]
     assert still_to_do(tmp_path / "missing", wanted) == list(wanted)
+
+
+# Rank 1 finishes its clips (persisted as parts) and then fails, as a rank losing its GPU would.
+FAILING_RANK_SCRIPT = """
+import json, os, sys
+from features import engine
+from features.embed import embed_store
+from features.encoders import EncoderConfig
+if os.environ["RANK"] == "1":
+    real = engine.Engine.run
+    def run(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        kwargs["tick"]()
+        raise RuntimeError("rank 1 lost its device")
+    engine.Engine.run = run
+for name, (cfg, src, out) in json.loads(sys.argv[1]).items():
+    embed_store(name, EncoderConfig(**cfg), src, out, workers=0)
+"""
+
+
+@pytest.mark.slow
+def test_a_failed_rank_keeps_its_work_and_the_rerun_finishes(jobs, tmp_path):
+    d, configs = jobs
+    cfg, src = configs["bert"]
+    out = tmp_path / "bert"
+    spec = json.dumps({"bert": (cfg, src, str(out))})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "--no-python", sys.executable, "-c"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(cmd + [FAILING_RANK_SCRIPT, spec], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode != 0 and "rank 1 lost its device" in run.stderr + run.stdout
+    parts = list((out / ".ranks" / "rank-1-of-2" / ".parts").glob("part-*.h5"))
+    assert parts, "the failed rank's finished clips were deleted"
+    with StoreReader(out) as s:
+        assert len(s) == 6  # rank 0's share was merged
+    rerun = subprocess.run(cmd + [RANK_SCRIPT, spec], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    # Rank 1's finished clips came from its parts (todo is resharded, so rank 0 may redo some).
+    assert "[embed[bert rank 1/2]] 0/0 clips done" in rerun.stdout, rerun.stdout
+    assert not (out / ".ranks").exists()
+    single = d / "single" / "bert"  # built by the first test of this module when it ran
+    if not (single / "store.json").exists():
+        embed_store("bert", EncoderConfig(**cfg), src, single, workers=0)
+    ids, keys, meta, pooled, _ = _contents(single)
+    s_ids, s_keys, s_meta, s_pooled, _ = _contents(out)
+    assert (s_ids, s_keys, s_meta) == (ids, keys, meta)
+    np.testing.assert_allclose(s_pooled, pooled, atol=2e-3, rtol=2e-3)
