@@ -20,7 +20,7 @@ from features import distributed as dist
 from features.clips import check_not_all_failed
 from features.encoders import EncoderConfig, load_encoder
 from features.engine import Engine
-from features.errors import ConfigError
+from features.errors import ConfigError, MerError
 from features.extract import read_transcripts
 from features.reports import FailureReport
 from features.store import StoreReader, StoreUpdate, clip_key
@@ -146,19 +146,27 @@ def _encode_sharded(out: Path, meta: dict, wanted: dict, encoder, inputs: Inputs
     todo = dist.still_to_do(out, wanted)
     share = {cid: wanted[cid] for cid in dist.shard(todo, rank, world)}
     mine = dist.rank_store(out, rank, world)
+    error = None
     try:
         _encode_into(mine, meta, share, encoder, inputs, failures, f"{name} rank {rank}/{world}",
                      workers, shown=(len(wanted) - len(todo), len(share)),
                      report=mine.parent / f"{mine.name}.failures.json")
-    finally:
-        dist.barrier()  # every rank store is finished (or this rank failed) before merging
+    except Exception as err:  # noqa: BLE001 - raised below, once rank 0 has merged
+        error = err
+    everyone = dist.all_succeeded(error is None)  # every rank store is finished (or failed)
     if rank == 0:
         print(f"[embed {name}] {len(wanted)} clips: {len(wanted) - len(todo)} cached, "
               f"{len(todo)} to encode")
         dist.merge(out, "embedding", meta, wanted, dist.rank_stores(out, world))
         _merge_failures(out, name, world)
-        shutil.rmtree(dist.ranks_dir(out), ignore_errors=True)
+        if everyone:  # a failed rank's parts are its rerun's resume point
+            shutil.rmtree(dist.ranks_dir(out), ignore_errors=True)
     dist.barrier()
+    if error is not None:
+        raise error
+    if not everyone:
+        raise MerError(f"embed[{name}]: a rank failed (see its error above); finished clips "
+                       f"are merged into {out}, rerun to finish the rest.")
 
 
 def _merge_failures(out: Path, name: str, world: int) -> None:
