@@ -7,6 +7,7 @@ from a local folder or hub id). Model files are hashed into the fingerprint.
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from features.config import resolve_model_path
 from features.errors import ClipError, ConfigError, ModelLoadError
 from features.hashcache import sha256_file as sha256_weights
 from features.media import sha256_file
+from features.textfiles import read_text
 
 SR = 16000
 WHISPER_WINDOW_S = 30  # Whisper encodes at most 30 s of audio per pass
@@ -93,10 +95,9 @@ def load_transcripts_csv(path: str | Path, language: str = "en") -> dict[str, st
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"asr.transcripts_csv: {path} does not exist. Fix the path or set it to \"\".")
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        rows = list(reader)
-        header = {(c or "").strip().lower(): c for c in reader.fieldnames or []}
+    reader = csv.DictReader(io.StringIO(read_text(path, "asr.transcripts_csv"), newline=""))
+    rows = list(reader)  # UTF-8 (BOM or not), UTF-16 or GB18030: MER's CSVs come in all three
+    header = {(c or "").strip().lower(): c for c in reader.fieldnames or []}
     text_col = _text_column(header, language)
     if "name" not in header or text_col is None:
         raise ConfigError(f"asr.transcripts_csv: {path} has columns {sorted(header)}; it needs `name` and "
@@ -250,3 +251,74 @@ class TransformersWhisper:
         return {"backend": "transformers", "model": self.cfg.model, "weights_sha256": weights,
                 "language": self.cfg.language, "beam_size": self.cfg.beam_size,
                 "dtype": str(self.dtype).removeprefix("torch."), "transformers": transformers.__version__}
+
+
+# ---------------------------------------------------------------- ASR enhancement (paper 002)
+
+@dataclass
+class Hypothesis:
+    text: str
+    avg_logprob: float  # the decoder's mean log-probability per token (higher = more confident)
+    source: str = ""    # which audio it came from (e.g. "raw", "deepfilternet")
+
+
+def load_backend(cfg: AsrConfig) -> AsrBackend:
+    """The ASR model itself (no user CSV), e.g. to score hypotheses."""
+    factory = _BACKENDS.get(cfg.backend)
+    if factory is None:
+        raise ConfigError(f"asr.backend: unknown backend {cfg.backend!r}; known backends are "
+                          f"{sorted(_BACKENDS)}. Fix params.yaml.")
+    return factory(cfg)
+
+
+def transcribe_scored(backend: AsrBackend, wav16k: np.ndarray, clip_id: str, source: str = "") -> Hypothesis:
+    """Text plus the decoder's average token log-probability, the score the selection rule uses.
+    Only faster-whisper reports it per segment (weighted here by each segment's token count)."""
+    if not isinstance(backend, FasterWhisper):
+        raise ConfigError("ASR enhancement needs asr.backend: faster_whisper (its decoder reports "
+                          "log-probabilities); switch the backend or turn noise.enhance off.")
+    try:
+        extra = {} if backend.cfg.temperature_fallback else {"temperature": 0.0}
+        segments, _ = backend.model.transcribe(np.asarray(wav16k, dtype=np.float32),
+                                               language=backend.cfg.language or None,
+                                               beam_size=backend.cfg.beam_size, **extra)
+        segments = list(segments)
+    except Exception as err:  # noqa: BLE001 - one clip's failure must not stop the stage
+        raise _asr_failed(clip_id, "faster-whisper", err) from err
+    tokens = [max(len(s.tokens), 1) for s in segments]
+    score = float(np.average([s.avg_logprob for s in segments], weights=tokens)) if segments else -np.inf
+    return Hypothesis(_clean("".join(s.text for s in segments)), score, source)
+
+
+def select_hypothesis(hyps: list[Hypothesis]) -> Hypothesis:
+    """The selection rule: the hypothesis the decoder is most confident in (highest average token
+    log-probability); ties go to the earlier one (list raw audio first). An empty transcript
+    never beats a non-empty one: silence decodes confidently to nothing."""
+    if not hyps:
+        raise ValueError("no hypotheses to select from")
+    spoken = [h for h in hyps if h.text] or hyps
+    return max(spoken, key=lambda h: h.avg_logprob)
+
+
+def _words(text: str) -> list[str]:
+    return re.sub(r"[^\w\s']", " ", text.lower()).split()
+
+
+def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
+    """(edit distance in words, reference length) after lower-casing and dropping punctuation."""
+    ref, hyp = _words(reference), _words(hypothesis)
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        prev, row[0] = row[0], i
+        for j, h in enumerate(hyp, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
+    return row[len(hyp)], len(ref)
+
+
+def wer(references: dict[str, str], hypotheses: dict[str, str]) -> float:
+    """Corpus word error rate over the clips in both (total edits / total reference words)."""
+    common = sorted(set(references) & set(hypotheses))
+    if not common:
+        raise ValueError("no clip has both a reference and a hypothesis transcript")
+    edits, words = map(sum, zip(*(word_errors(references[c], hypotheses[c]) for c in common)))
+    return edits / max(words, 1)

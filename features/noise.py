@@ -22,7 +22,7 @@ import numpy as np
 from features.errors import ClipError, ConfigError
 
 FULL_SCALE = 32767 / 32768  # int16 full scale on the float [-1, 1] scale
-NOISE_KINDS = ("white", "pink", "babble", "folder")
+NOISE_KINDS = ("white", "pink", "babble", "folder", "none")  # none: the clean reference
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".m4a")
 # MERTools' MER2024/main-noise.py: SNR from np.arange(5, 11), blur_rate from [1, 2, 4].
 MER2024_SNRS = tuple(range(5, 11))
@@ -32,7 +32,7 @@ MER2024_BLURS = (1, 2, 4)
 @dataclass
 class ConditionConfig:
     """params.yaml `noise.conditions.<name>`: one noisy copy of each chosen clip."""
-    noise: str = "white"              # white | pink | babble | folder
+    noise: str = "white"              # white | pink | babble | folder | none (clean reference)
     snr_db: float | list = 10.0       # one SNR, or a list: one value drawn per clip
     noise_dir: str = ""               # noise: folder -> audio files under it (recursive, MUSAN layout)
     talkers: int = 3                  # babble: other clips summed

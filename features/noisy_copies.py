@@ -41,6 +41,7 @@ class NoiseConfig:
     denoise: list[str] = field(default_factory=lambda: ["none", "deepfilternet"])  # backends scored
     enhance: bool = True              # also score ASR enhancement (best of raw/denoised hypotheses)
     heads: list[str] = field(default_factory=list)   # trained heads scored under noise
+    reference: str = ""               # CSV name,text of what each clip says: WER per variant
     conditions: dict = field(default_factory=dict)   # name -> ConditionConfig mapping
 
 
@@ -138,33 +139,37 @@ def make_copies(manifest: str | os.PathLike, name: str, cfg: NoiseConfig,
                                 CODE_VERSION) for c in chosen}
     done = {cid: old[copy_id(cid, name)] for cid, key in keys.items()
             if old.get(copy_id(cid, name), {}).get("key") == key
-            and (out / VIDEOS / old[copy_id(cid, name)]["file"]).is_file()}
+            and Path(old[copy_id(cid, name)]["path"]).is_file()}
     todo = [c for c in chosen if c.clip_id not in done]
     print(f"[noise@{name}] {len(chosen)} copies: {len(done)} cached, {len(todo)} to make")
 
     def work(clip_id: str, clip: Clip) -> None:
         recipe, path = render_copy(clip, name, cond, cfg.seed, source, out / VIDEOS)
-        done[clip_id] = {"key": keys[clip_id], "file": path.name, "sha256": sha256_file(path),
+        sha = clip.sha256 if path == Path(clip.path) else sha256_file(path)
+        done[clip_id] = {"key": keys[clip_id], "path": str(path), "sha256": sha,
                          "size": path.stat().st_size, "recipe": asdict(recipe)}
     save = lambda: write_json_atomic(out / COPIES, {"copies": {copy_id(c, name): v for c, v in done.items()}})  # noqa: E731
     for_each_clip(((c.clip_id, c) for c in todo), work, failures, f"noise@{name}", total=len(todo),
                   checkpoint=save)
     save()
-    _drop_stale(out / VIDEOS, {v["file"] for v in done.values()})
+    _drop_stale(out / VIDEOS, {Path(v["path"]).name for v in done.values()})
     failures.write(out / "failures.json")
     return _write_manifests(out, name, chosen, done)
 
 
 def render_copy(clip: Clip, name: str, cond: ConditionConfig, seed: int, source: NoiseSource,
                 folder: Path) -> tuple[Recipe, Path]:
-    """One copy: noisy 16 kHz audio and degraded frames muxed into `folder/<copy id>.mp4`."""
+    """One copy: noisy 16 kHz audio and degraded frames muxed into `folder/<copy id>.mp4`.
+    Noise `none` (the clean reference condition) is the original file itself."""
+    if cond.noise == "none":
+        return Recipe(snr_db=float("inf"), blur=1, noise="none"), Path(clip.path)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{copy_id(clip.clip_id, name)}.mp4"
     rng = clip_rng(seed, name, clip.clip_id)
     snr, blur = float(draw(rng, cond.snr_db)), int(draw(rng, cond.blur))
     speech = load_audio(clip.path, clip.clip_id, SR)  # ClipError no_audio: recorded, never fatal
     noise, used = source.make(clip, len(speech), rng)
     mix = mix_at_snr(speech, noise, snr, clip.clip_id)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{copy_id(clip.clip_id, name)}.mp4"
     write_video(clip, mix, path, lambda f: _degrade(f, blur, cond))
     return Recipe(snr_db=snr, blur=blur, noise=cond.noise, sources=used), path
 
@@ -176,7 +181,8 @@ def _degrade(frame: np.ndarray, blur: int, cond: ConditionConfig) -> np.ndarray:
 
 
 def write_video(clip: Clip, audio: np.ndarray, path: Path, degrade) -> None:
-    """Frames of `clip` through `degrade`, with `audio` (16 kHz mono), as H.264/AAC mp4.
+    """Frames of `clip` through `degrade`, with `audio` (16 kHz mono), as MPEG-4/AAC mp4 (ffmpeg's
+    native encoders, in every build; quality 2 so the codec adds little to the degradation).
     Written to a temporary name and renamed, so a killed run never leaves half a file."""
     import cv2
 
@@ -191,7 +197,7 @@ def write_video(clip: Clip, audio: np.ndarray, path: Path, degrade) -> None:
             cmd += ["-f", "rawvideo", "-pix_fmt", "bgr24", "-s", f"{w}x{h}", "-r", str(fps), "-i", "pipe:0"]
         cmd += ["-i", str(wav)]
         if info.has_video:
-            cmd += ["-map", "0:v", "-map", "1:a", "-c:v", "libx264", "-preset", "veryfast", "-crf", "20",
+            cmd += ["-map", "0:v", "-map", "1:a", "-c:v", "mpeg4", "-q:v", "2",
                     "-pix_fmt", "yuv420p", "-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2", "-threads", "1"]
         cmd += ["-c:a", "aac", "-b:a", "128k", str(tmp)]
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if info.has_video else None,
@@ -237,7 +243,7 @@ def _write_manifests(out: Path, name: str, chosen: list[Clip], done: dict) -> Pa
             continue
         entry = done[c.clip_id]
         cid = copy_id(c.clip_id, name)
-        rows.append(Clip(clip_id=cid, path=str(out / VIDEOS / entry["file"]), size=entry["size"],
+        rows.append(Clip(clip_id=cid, path=entry["path"], size=entry["size"],
                          sha256=entry["sha256"], duration_s=c.duration_s, label=c.label, fold=c.fold,
                          split=c.split))
         r = entry["recipe"]
