@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 
 from features import distributed as dist
+from features import versions
+from features.config import resolve_model_path
 from features.clips import check_not_all_failed
 from features.encoders import EncoderConfig, load_encoder
 from features.engine import Engine
@@ -101,7 +103,8 @@ def embed_store(name: str, cfg: EncoderConfig, input_path: str | os.PathLike,
     encoder = load_encoder(dist.rank_config(cfg))
     inputs = Inputs(cfg, input_path)
     out_path = Path(out_path)
-    fp = encoder.fingerprint()
+    fp = {**encoder.fingerprint(), **versions.fingerprint("embed"),  # code, libraries, tokenizer
+          "model_files": versions.model_files(resolve_model_path(cfg.model))}
     meta = {"encoder": name, "fingerprint": fp, "layers_frames": cfg.layers_frames,
             "num_layers": encoder.num_layers, "hidden_size": encoder.hidden_size,
             "store_dtype": dtype.name, **layout}

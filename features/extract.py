@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from features import versions
 from features.asr import AsrConfig, load_transcripts_csv, make_transcriber
 from features.clips import for_each_clip
 from features.config import as_dict, resolve_model_path
@@ -24,8 +25,6 @@ from features.reports import FailureReport, read_json, write_json_atomic
 from features.store import StoreReader, StoreUpdate, clip_key
 
 AUDIO_DIR, DENOISED_DIR, FACES_DIR, TRANSCRIPTS_FILE = "audio", "denoised", "faces", "transcripts.json"
-# Bump when a change in this file alters what a stage stores for the same inputs.
-CODE_VERSION = "extract-1"
 
 
 @dataclass
@@ -44,7 +43,7 @@ def extract_audio(manifest: str | os.PathLike, cfg: AudioConfig, out_dir: str | 
     """Decode every clip's audio to mono PCM at cfg.sample_rate into one store."""
     clips = {c.clip_id: c for c in read_manifest(manifest)}
     out, failures = Path(out_dir), FailureReport("audio")
-    fp = {**as_dict(cfg), "code": CODE_VERSION}
+    fp = {**as_dict(cfg), "code": versions.fingerprint("audio")}
     wanted = {cid: clip_key("audio", c.sha256, fp) for cid, c in clips.items()}
     with _update(out / AUDIO_DIR, "audio", fp, wanted, "audio") as up:
         def work(clip_id, clip):
@@ -63,7 +62,7 @@ def denoise_audio(audio_store: str | os.PathLike, cfg: DenoiseConfig,
     out, failures = Path(out_dir), FailureReport("denoise")
     try:
         with StoreReader(audio_store, kind="audio") as src:
-            fp = {"denoiser": denoiser.fingerprint(), "code": CODE_VERSION}
+            fp = {"denoiser": denoiser.fingerprint(), "code": versions.fingerprint("denoise")}
             wanted = {cid: clip_key("denoise", src.keys[cid], fp) for cid in src.ids}
             with _update(out / DENOISED_DIR, "audio", {**src.meta, **fp}, wanted,
                          f"denoise[{cfg.backend}]") as up:
@@ -87,7 +86,9 @@ def asr_fingerprint(cfg: AsrConfig) -> dict:
         if path.is_dir() else []
     weights = {f.name: sha256_weights(f) for f in files} or f"hub:{cfg.model}"
     settings = {k: v for k, v in as_dict(cfg).items() if k not in ("device", "transcripts_csv")}
-    return {**settings, "weights": weights, "code": CODE_VERSION}
+    # The device kind decides the compute dtype (float16 on cuda); config/tokenizer files count.
+    return {**settings, "weights": weights, "device": cfg.device.split(":")[0],
+            "model_files": versions.model_files(path), "code": versions.fingerprint("asr")}
 
 
 def transcribe_audio(audio_store: str | os.PathLike, cfg: AsrConfig,
@@ -144,7 +145,7 @@ def crop_faces(manifest: str | os.PathLike, cfg: FacesConfig, out_dir: str | os.
     """
     clips = {c.clip_id: c for c in read_manifest(manifest)}
     out, failures = Path(out_dir), FailureReport("faces")
-    fp = {**as_dict(cfg), "code": CODE_VERSION}
+    fp = {**as_dict(cfg), "code": versions.fingerprint("faces")}
     wanted = {cid: clip_key("faces", c.sha256, fp) for cid, c in clips.items()}
     with _update(out / FACES_DIR, "faces", fp, wanted, "faces") as up:
         def work(clip_id, clip):
