@@ -7,6 +7,7 @@ from a local folder or hub id). Model files are hashed into the fingerprint.
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from features.config import resolve_model_path
 from features.errors import ClipError, ConfigError, ModelLoadError
 from features.hashcache import sha256_file as sha256_weights
 from features.media import sha256_file
+from features.textfiles import read_text
 
 SR = 16000
 WHISPER_WINDOW_S = 30  # Whisper encodes at most 30 s of audio per pass
@@ -93,10 +95,9 @@ def load_transcripts_csv(path: str | Path, language: str = "en") -> dict[str, st
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"asr.transcripts_csv: {path} does not exist. Fix the path or set it to \"\".")
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        rows = list(reader)
-        header = {(c or "").strip().lower(): c for c in reader.fieldnames or []}
+    reader = csv.DictReader(io.StringIO(read_text(path, "asr.transcripts_csv"), newline=""))
+    rows = list(reader)  # UTF-8 (BOM or not), UTF-16 or GB18030: MER's CSVs come in all three
+    header = {(c or "").strip().lower(): c for c in reader.fieldnames or []}
     text_col = _text_column(header, language)
     if "name" not in header or text_col is None:
         raise ConfigError(f"asr.transcripts_csv: {path} has columns {sorted(header)}; it needs `name` and "

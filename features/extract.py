@@ -20,7 +20,8 @@ from features.denoise import DenoiseConfig, make_denoiser
 from features.faces import FacesConfig, extract_faces
 from features.manifest import read_manifest
 from features.hashcache import sha256_file as sha256_weights
-from features.media import load_audio
+from features.isolate import Isolated
+from features.media import DECODE_TIMEOUT_S, load_audio
 from features.reports import FailureReport, read_json, write_json_atomic
 from features.store import StoreReader, StoreUpdate, clip_key
 
@@ -47,8 +48,8 @@ def extract_audio(manifest: str | os.PathLike, cfg: AudioConfig, out_dir: str | 
     wanted = {cid: clip_key("audio", c.sha256, fp) for cid, c in clips.items()}
     with _update(out / AUDIO_DIR, "audio", fp, wanted, "audio") as up:
         def work(clip_id, clip):
-            wav = load_audio(clip.path, clip_id, sr=cfg.sample_rate)
-            up.add(clip_id, wav.astype(np.float32), attrs={"sample_rate": cfg.sample_rate})
+            wav = load_audio(clip.path, clip_id, sr=cfg.sample_rate, expected_s=clip.duration_s)
+            up.add(clip_id, np.asarray(wav, dtype=np.float32), attrs={"sample_rate": cfg.sample_rate})
         for_each_clip(((cid, clips[cid]) for cid in up.todo), work, failures, "audio",
                       total=len(up.todo), checkpoint=up.checkpoint, reused=up.reused)
     failures.write(out / "failures.json")
@@ -147,9 +148,10 @@ def crop_faces(manifest: str | os.PathLike, cfg: FacesConfig, out_dir: str | os.
     out, failures = Path(out_dir), FailureReport("faces")
     fp = {**as_dict(cfg), "code": versions.fingerprint("faces")}
     wanted = {cid: clip_key("faces", c.sha256, fp) for cid, c in clips.items()}
-    with _update(out / FACES_DIR, "faces", fp, wanted, "faces") as up:
-        def work(clip_id, clip):
-            faces = extract_faces(clip.path, clip_id, cfg)
+    with _update(out / FACES_DIR, "faces", fp, wanted, "faces") as up, \
+            Isolated(extract_faces, DECODE_TIMEOUT_S, "reading the frames of") as isolated:
+        def work(clip_id, clip):  # in a child process: a decoder crash fails this clip only
+            faces = isolated(clip_id, clip.path, clip_id, cfg)
             up.add(clip_id, faces.crops, attrs={"times": faces.times,
                                                 "detected": faces.detected.astype(np.uint8)})
         for_each_clip(((cid, clips[cid]) for cid in up.todo), work, failures, "faces",

@@ -8,8 +8,9 @@ the frame are black) and resized to `size` x `size` RGB.
 Fallback for a frame without a face: `center` keeps the centre square crop of the frame, marked
 detected=False; `skip` drops the frame. With `center`, a clip where no frame shows a face keeps
 its centre crops (so the encoder still gets an input; the stage records the clip from
-`detected`). A clip with no decodable frame raises ClipError(reason='unreadable'); with `skip`, a
-clip with no face at all raises ClipError(reason='no_face').
+`detected`). A clip with no video stream (an audio file) raises ClipError(reason='no_video'), one
+with no decodable frame ClipError(reason='unreadable'); with `skip`, a clip with no face at all
+raises ClipError(reason='no_face').
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import cv2
 import numpy as np
 
 from features.errors import ClipError, ConfigError, ModelLoadError
+from features.media import probe
 
 DETECTORS = {"haar": "haarcascade_frontalface_default.xml"}
 FALLBACKS = ("center", "skip")
@@ -108,9 +110,7 @@ def sample_frames(
     cap = cv2.VideoCapture(str(video_path))
     try:
         if not cap.isOpened():
-            raise ClipError(
-                clip_id, "unreadable", f"OpenCV cannot open {video_path}; check the file and its codec."
-            )
+            raise _no_frames(video_path, clip_id, "OpenCV cannot open it")
         video_fps = cap.get(cv2.CAP_PROP_FPS)
         video_fps = video_fps if 0 < video_fps < 1000 else ASSUMED_FPS
         count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
@@ -128,8 +128,16 @@ def sample_frames(
     finally:
         cap.release()
     if not frames:
-        raise ClipError(clip_id, "unreadable", f"no decodable video frame in {video_path}; check the file.")
+        raise _no_frames(video_path, clip_id, "it has no decodable video frame")
     return frames
+
+
+def _no_frames(video_path: str | Path, clip_id: str, why: str) -> ClipError:
+    """no_video for an audio-only file (ffmpeg sees no video stream), else unreadable."""
+    if not probe(video_path, clip_id).has_video:  # raises 'unreadable' itself if ffmpeg cannot open it
+        return ClipError(clip_id, "no_video", f"{video_path} has no video stream (audio only?): no "
+                         "face crops. Supply the video version or drop the clip.")
+    return ClipError(clip_id, "unreadable", f"{why}: {video_path}; check the file and its codec.")
 
 
 def count_frames(video_path: str | Path) -> int:

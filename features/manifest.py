@@ -7,18 +7,21 @@ clip that can be decoded) and ``failures.json`` (clips that cannot, and why).
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os
+import unicodedata
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
+from features.clips import for_each_clip
 from features.errors import ClipError, ConfigError
 from features.media import probe, sha256_file
 from features.reports import FailureReport, read_json, write_json_atomic
-from features.store import check_clip_id
+from features.textfiles import read_text
+from features.store import StoreError, check_clip_id
 
 log = logging.getLogger(__name__)
 
@@ -49,30 +52,40 @@ class Clip:
     split: str         # "labelled" | "unlabelled"
 
 
-def read_labels(path: str | os.PathLike) -> dict[str, str]:
-    """name -> class from a MER-style label CSV; strict about duplicates and unknown classes."""
+def read_labels(path: str | os.PathLike) -> tuple[dict[str, str], FailureReport]:
+    """name -> class from a MER-style label CSV (UTF-8, with or without BOM, UTF-16 or GB18030),
+    and the rows that name no clip or no class (each listed, not fatal).
+
+    Strict about what looks systematic: duplicate ids and classes outside CLASSES stop the stage.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"label CSV {path} does not exist; set prepare.labels in params.yaml.")
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        if not reader.fieldnames or not {"name", "discrete"} <= set(reader.fieldnames):
-            raise ConfigError(f"label CSV {path} needs columns 'name,discrete' (MER2024 layout); "
-                              f"found {reader.fieldnames}.")
-        labels: dict[str, str] = {}
-        bad: list[str] = []
-        for line, row in enumerate(reader, start=2):
-            name, label = row["name"].strip(), row["discrete"].strip().lower()
-            if name in labels:
-                raise ConfigError(f"label CSV {path} line {line}: duplicate clip id {name!r}; "
-                                  f"each clip may be labelled once.")
-            if label not in CLASSES:
-                bad.append(f"line {line} {name!r}: {label!r}")
-            labels[name] = label
+    reader = csv.DictReader(io.StringIO(read_text(path, "prepare.labels"), newline=""))
+    if not reader.fieldnames or not {"name", "discrete"} <= {f.strip() for f in reader.fieldnames}:
+        raise ConfigError(f"label CSV {path} needs columns 'name,discrete' (MER2024 layout); "
+                          f"found {reader.fieldnames}.")
+    reader.fieldnames = [f.strip() for f in reader.fieldnames]
+    labels: dict[str, str] = {}
+    bad: list[str] = []
+    skipped = FailureReport("prepare")
+    for line, row in enumerate(reader, start=2):
+        name, label = (row["name"] or "").strip(), (row["discrete"] or "").strip().lower()
+        if not name or not label:  # a short or blank row: that clip only
+            skipped.add(name or f"{path.name}:{line}", "bad_label_row",
+                        f"label CSV {path} line {line} has no {'class' if name else 'clip name'} "
+                        f"({row!r}); the clip is left out until the row reads name,discrete.")
+            continue
+        if name in labels:
+            raise ConfigError(f"label CSV {path} line {line}: duplicate clip id {name!r}; "
+                              f"each clip may be labelled once.")
+        if label not in CLASSES:
+            bad.append(f"line {line} {name!r}: {label!r}")
+        labels[name] = label
     if bad:
         raise ConfigError(f"label CSV {path}: {len(bad)} label(s) outside {list(CLASSES)}: "
                           f"{bad[:5]}. Fix or drop those rows.")
-    return labels
+    return labels, skipped
 
 
 PROBE_CACHE = "probes.json"  # persisted between runs (dvc.yaml: persist: true)
@@ -140,11 +153,33 @@ def describe(clip_id: str, path: Path, label: str, split: str,
         info = probe(path, clip_id)
         if not info.has_video and not info.has_audio:
             raise ClipError(clip_id, "unreadable", f"{path} has neither a video nor an audio stream.")
+        if not info.duration_s:
+            raise ClipError(clip_id, "zero_length", f"{path} holds no media time (its streams are "
+                            "empty or cut off before the first frame); re-export or drop it.")
         sha, duration = sha256_file(path), round(float(info.duration_s), 3)
     if cache is not None:
         cache[key] = (sha, duration)
     return Clip(clip_id=clip_id, path=str(path), size=stat.st_size, sha256=sha,
                 duration_s=duration, label=label, fold=UNLABELLED_FOLD, split=split)
+
+
+def check_name(clip_id: str, path: Path) -> None:
+    """ClipError('bad_name') for a file name that cannot be a clip id in stores, CSV and JSON."""
+    try:
+        clip_id.encode("utf-8")
+        check_clip_id(clip_id)
+        problem = any(unicodedata.category(ch) == "Cc" for ch in clip_id)
+    except (UnicodeEncodeError, StoreError):
+        problem = True
+    if problem:
+        raise ClipError(printable(clip_id), "bad_name",
+                        f"the file name {printable(path.name)!r} is not usable as a clip id (not "
+                        "UTF-8, a control character, or '.'/'..'): rename the file.")
+
+
+def printable(name: str) -> str:
+    """A file name from the disk as valid text: undecodable bytes become \\xNN escapes."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def scan(cfg: PrepareConfig, cache: dict | None = None) -> tuple[list[Clip], FailureReport]:
@@ -153,27 +188,27 @@ def scan(cfg: PrepareConfig, cache: dict | None = None) -> tuple[list[Clip], Fai
     `cache` maps path|size|mtime to an earlier (sha256, duration): unchanged files are not
     re-read, which keeps adding a few clips to a large corpus cheap. Entries are added in place.
     """
-    labels = read_labels(cfg.labels)
+    labels, failures = read_labels(cfg.labels)
     videos = find_videos(cfg.videos, cfg.extensions)
     unlabelled = find_videos(cfg.unlabelled, cfg.extensions) if cfg.unlabelled else {}
     clash = sorted(set(videos) & set(unlabelled))
     if clash:
         raise ConfigError(f"clip id(s) {clash[:5]} are both in {cfg.videos} and {cfg.unlabelled}; "
                           f"ids must be unique across folders.")
-    failures = FailureReport("prepare")
     for name in sorted(set(labels) - set(videos)):
         failures.add(name, "missing_file", f"labelled in {cfg.labels} but no video named "
                      f"{name}.* in {cfg.videos}; add the file or drop the row.")
-    todo = [(cid, p, labels.get(cid, ""), "labelled" if cid in labels else "unlabelled")
-            for cid, p in videos.items()]
-    todo += [(cid, p, "", "unlabelled") for cid, p in unlabelled.items()]
+    unlabel_rows = failures.clip_ids  # a clip whose label row is broken is left out, not unlabelled
+    todo = [(cid, (p, labels.get(cid, ""), "labelled" if cid in labels else "unlabelled"))
+            for cid, p in videos.items() if cid not in unlabel_rows]
+    todo += [(cid, (p, "", "unlabelled")) for cid, p in unlabelled.items()]
     clips: list[Clip] = []
-    for cid, path, label, split in tqdm(todo, desc="prepare", unit="clip"):
-        try:
-            check_clip_id(cid)
-            clips.append(describe(cid, path, label, split, cache))
-        except ClipError as err:
-            failures.add_error(err)
+
+    def work(cid: str, item: tuple[Path, str, str]) -> None:
+        check_name(cid, item[0])
+        clips.append(describe(cid, *item, cache=cache))
+    if todo:
+        for_each_clip(todo, work, failures, "prepare", total=len(todo))
     labelled = [c for c in clips if c.label]
     for clip, fold in zip(labelled, assign_folds([c.label for c in labelled], cfg.folds, cfg.seed)):
         clip.fold = int(fold)

@@ -1,18 +1,21 @@
 """Media access through ffmpeg only: locate the binary, probe a file, decode its audio, hash it.
 
 Only the ``ffmpeg`` binary is required (imageio-ffmpeg ships one); ffprobe is never used, so
-`probe` parses the stream summary that ``ffmpeg -i`` prints.
+`probe` parses the stream summary that ``ffmpeg -i`` prints. Every ffmpeg call has a time limit
+(DECODE_TIMEOUT_S): a file that hangs the decoder fails its clip with reason ``timeout``.
 """
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass
+import tempfile
+import threading
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-import ffmpeg
 import numpy as np
 
 from features.errors import ClipError, ConfigError
@@ -60,6 +63,28 @@ def _checked_path(path: str | Path, clip_id: str) -> str:
     return str(p.resolve())
 
 
+# Seconds one decoder call may take (a probe, one clip's audio, one clip's frames): generous for
+# hours of audio, finite for a file on a stalled mount or a stream that never ends.
+DECODE_TIMEOUT_S = float(os.environ.get("MER_DECODE_TIMEOUT_S", "300"))
+
+
+def _timeout_error(clip_id: str, src: str, what: str) -> ClipError:
+    return ClipError(clip_id, "timeout",
+                     f"ffmpeg {what} {src} took over {DECODE_TIMEOUT_S:g} s and was stopped; the "
+                     "file may be damaged or on a stalled disk. Check it, or raise "
+                     "MER_DECODE_TIMEOUT_S for very long recordings.")
+
+
+def _ffmpeg_stderr(args: list[str], clip_id: str, src: str, what: str) -> str:
+    """Run ffmpeg with `args` under the time limit; its stderr as text (exit status not judged)."""
+    try:
+        run = subprocess.run([ffmpeg_exe(), "-hide_banner", "-nostdin", *args], capture_output=True,
+                             check=False, timeout=DECODE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise _timeout_error(clip_id, src, what) from None
+    return run.stderr.decode("utf-8", errors="replace") + run.stdout.decode("utf-8", "replace")
+
+
 # ---------------------------------------------------------------- probe (parses `ffmpeg -i`)
 
 _DURATION = re.compile(r"Duration:\s*(\d+):(\d+):(\d+(?:\.\d+)?)")
@@ -74,14 +99,27 @@ def probe(path: str | Path, clip_id: str | None = None) -> MediaInfo:
     clip_id = _clip_id(path, clip_id)
     src = _checked_path(path, clip_id)
     # `ffmpeg -i` with no output exits 1 by design; success is judged by the "Input #0" header.
-    run = subprocess.run([ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", src],
-                         capture_output=True, check=False)
-    text = run.stderr.decode("utf-8", errors="replace")
+    text = _ffmpeg_stderr(["-i", src], clip_id, src, "probing")
     if "Input #0" not in text:
         raise ClipError(clip_id, "unreadable",
                         f"ffmpeg cannot open {src}: {_last_line(text)}. The file is corrupt or "
                         "not a media file; re-export or remove it from the dataset.")
-    return _parse_probe(text)
+    info = _parse_probe(text)
+    if info.duration_s is None and (info.has_audio or info.has_video):
+        # Streamed recordings (browser webm) carry no duration in the header: read to the end.
+        info = replace(info, duration_s=measure_duration(src, clip_id))
+    return info
+
+
+_OUT_TIME = re.compile(r"^out_time_us=(\d+)\s*$", re.MULTILINE)
+
+
+def measure_duration(src: str, clip_id: str) -> float:
+    """Seconds of media in `src`, from the packet times of a copy to nowhere (nothing decoded)."""
+    text = _ffmpeg_stderr(["-v", "error", "-i", src, "-map", "0", "-c", "copy", "-f", "null", "-",
+                           "-progress", "pipe:1", "-nostats"], clip_id, src, "reading")
+    times = _OUT_TIME.findall(text)
+    return int(times[-1]) / 1e6 if times else 0.0
 
 
 def _parse_probe(text: str) -> MediaInfo:
@@ -115,25 +153,63 @@ def _last_line(text: str) -> str:
 
 # ---------------------------------------------------------------- audio decoding
 
-def load_audio(path: str | Path, clip_id: str, sr: int = 16000) -> np.ndarray:
+def load_audio(path: str | Path, clip_id: str, sr: int = 16000,
+               expected_s: float | None = None) -> np.ndarray:
     """First audio stream of `path` as float32 mono at `sr` Hz, decoded by ffmpeg into a pipe.
 
+    The pipe is read in chunks straight into the output array (sized from `expected_s` when
+    given, grown when short), so a long recording never sits in memory twice.
     Raises ClipError with reason ``no_audio`` (no audio stream), ``unreadable`` (missing or
-    corrupt file) or ``zero_length`` (an audio stream that decodes to no samples).
+    corrupt file), ``zero_length`` (an audio stream that decodes to no samples) or ``timeout``.
     """
     src = _checked_path(path, clip_id)
-    stream = (ffmpeg.input(src, nostdin=None, v="error")
-              .output("pipe:", map="0:a:0", format="f32le", acodec="pcm_f32le", ac=1, ar=sr))
-    try:
-        raw, _ = stream.run(cmd=ffmpeg_exe(), capture_stdout=True, capture_stderr=True)
-    except ffmpeg.Error as err:
-        raise _decode_error(clip_id, src, err.stderr.decode("utf-8", errors="replace")) from None
-    wav = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-i", src, "-map", "0:a:0",
+           "-f", "f32le", "-acodec", "pcm_f32le", "-ac", "1", "-ar", str(sr), "pipe:1"]
+    timed_out = threading.Event()
+    with tempfile.TemporaryFile() as errors:  # a file, not a pipe: stderr can never block ffmpeg
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errors, bufsize=0)
+        killer = threading.Timer(DECODE_TIMEOUT_S, lambda: (timed_out.set(), proc.kill()))
+        killer.start()
+        try:
+            raw = _read_all(proc.stdout, 4 * (int((expected_s or 10.0) * sr * 1.02) + sr))
+            code = proc.wait()
+        finally:
+            killer.cancel()
+            proc.stdout.close()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        errors.seek(0)
+        stderr = errors.read().decode("utf-8", errors="replace")
+    if timed_out.is_set():
+        raise _timeout_error(clip_id, src, "decoding")
+    if code != 0:
+        raise _decode_error(clip_id, src, stderr)
+    wav = raw[: len(raw) // 4 * 4].view("<f4")
     if wav.size == 0:
         raise ClipError(clip_id, "zero_length",
                         f"the audio stream of {src} decodes to 0 samples; the recording is empty. "
                         "Re-export the clip or drop it from the dataset.")
     return wav
+
+
+CHUNK_BYTES = 1 << 20  # read from the decoder's pipe 1 MiB at a time
+
+
+def _read_all(pipe, size_hint: int) -> np.ndarray:
+    """Every byte of `pipe` as uint8, read in chunks into one buffer that doubles when full
+    (sized by the caller's estimate, so usually never), then trimmed."""
+    buf = np.empty(max(size_hint, CHUNK_BYTES), dtype=np.uint8)
+    filled = 0
+    while True:
+        if filled + CHUNK_BYTES > len(buf):
+            buf = np.resize(buf, 2 * len(buf))
+        got = pipe.readinto(memoryview(buf[filled:filled + CHUNK_BYTES]))
+        if not got:
+            break
+        filled += got
+    # Trim: a copy only when the estimate was far off, so the store never keeps the slack.
+    return buf[:filled] if filled > 0.9 * len(buf) else buf[:filled].copy()
 
 
 def _decode_error(clip_id: str, src: str, stderr: str) -> ClipError:

@@ -1,7 +1,7 @@
 """DVC stage `audio`: decode every clip to 16 kHz mono PCM in one HDF5 store."""
 from features.config import from_section
 from features.extract import AudioConfig, extract_audio
-from stages.common import load_params, parser, setup
+from stages.common import load_params, parser, run, setup
 
 
 def main(argv=None) -> None:
@@ -15,4 +15,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -4,12 +4,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
-from features.errors import ConfigError
+from features.errors import ConfigError, MerError
 
 
 def load_params(section: str, path: str | os.PathLike = "params.yaml") -> Any:
@@ -23,6 +24,16 @@ def load_params(section: str, path: str | os.PathLike = "params.yaml") -> Any:
             raise ConfigError(f"{path}: no section {section!r} (missing {part!r}).")
         node = node[part]
     return node
+
+
+def run(main: Callable[[], object]) -> None:
+    """`python -m stages.<stage>` (what dvc.yaml runs): a MerError is a message for the user,
+    printed as `<stage>: error: <message>` without a traceback, and the exit status is 1."""
+    try:
+        main()
+    except MerError as err:
+        print(f"{Path(sys.argv[0]).stem}: error: {err}", file=sys.stderr)
+        sys.exit(1)
 
 
 def parser(description: str) -> argparse.ArgumentParser:

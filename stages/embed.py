@@ -11,7 +11,7 @@ import sys
 from features.config import from_section
 from features.embed import embed_store
 from features.encoders import EncoderConfig
-from stages.common import load_params, parser, setup
+from stages.common import load_params, parser, run, setup
 
 
 def main(argv=None) -> None:
@@ -39,4 +39,4 @@ def _torchrun(nproc: int, argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

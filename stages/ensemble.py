@@ -2,7 +2,7 @@
 from features.config import from_section
 from features.errors import ConfigError
 from models.ensemble import EnsembleConfig, run_ensemble
-from stages.common import load_params, parser, setup
+from stages.common import load_params, parser, run, setup
 
 
 def main(argv=None) -> None:
@@ -23,4 +23,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -4,7 +4,7 @@ import json
 
 from features.config import from_section
 from models.run import EvaluateConfig, evaluate
-from stages.common import load_params, parser, setup
+from stages.common import load_params, parser, run, setup
 
 
 def main(argv=None) -> None:
@@ -24,4 +24,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -2,7 +2,7 @@
 from features.config import from_section
 from features.extract import crop_faces
 from features.faces import FacesConfig
-from stages.common import load_params, parser, setup
+from stages.common import load_params, parser, run, setup
 
 
 def main(argv=None) -> None:
@@ -16,4 +16,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -1,7 +1,7 @@
 """DVC stage `prepare`: scan videos + labels into manifest.csv and failures.json."""
 from features.config import from_section
 from features.manifest import PrepareConfig, prepare
-from stages.common import load_params, parser, setup
+from stages.common import load_params, parser, run, setup
 
 
 def main(argv=None) -> None:
@@ -15,4 +15,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

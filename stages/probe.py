@@ -4,7 +4,7 @@ import time
 
 from features.config import from_section
 from models.probing import ProbeConfig, probe_encoder
-from stages.common import load_params, parser, setup
+from stages.common import load_params, parser, run, setup
 
 
 def main(argv=None) -> None:
@@ -26,4 +26,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

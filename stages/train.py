@@ -2,7 +2,7 @@
 from features.errors import ConfigError
 from models.config import train_config
 from models.run import log_training, train_head
-from stages.common import load_params, parser, setup
+from stages.common import load_params, parser, run, setup
 
 
 def main(argv=None) -> None:
@@ -26,4 +26,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)
