@@ -34,7 +34,8 @@ class PrepareConfig:
     """params.yaml `prepare`."""
     videos: str                          # folder of (labelled and test) videos
     labels: str                          # CSV name,discrete[,valence]
-    unlabelled: str = ""                 # optional folder of unlabelled videos
+    unlabelled: str = ""                 # optional folder of unlabelled videos ("" = none;
+                                         # under DVC use the empty data/no_unlabelled)
     folds: int = 5                       # stratified cross-validation folds over labelled clips
     seed: int = 0                        # fold assignment seed
     extensions: list[str] = field(default_factory=lambda: [".mp4", ".avi", ".mkv", ".mov", ".webm"])

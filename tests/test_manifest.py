@@ -127,3 +127,32 @@ def test_stratified_folds_are_sklearns(seed, n_splits, n):
                                   .split(np.zeros(n), y)):
         expected[held] = k
     np.testing.assert_array_equal(stratified_folds(y, n_splits, seed), expected)
+
+
+@pytest.mark.slow
+def test_no_unlabelled_clips_under_dvc(tmp_path, one_video):
+    """params.yaml's "none" for prepare.unlabelled (data/no_unlabelled) works in `dvc repro`
+    (an empty path makes DVC fail before prepare runs)."""
+    import os
+    import shutil
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    for name in ("features", "models", "stages", "data/no_unlabelled"):
+        shutil.copytree(root / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(root / "dvc.yaml", tmp_path / "dvc.yaml")
+    labels = {f"c{i}": CLASSES[i % 6] for i in range(12)}
+    _corpus(tmp_path / "data", one_video, labels)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["prepare"].update(videos="data/video", labels="data/labels.csv",
+                             unlabelled="data/no_unlabelled", folds=2)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = dict(os.environ, PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "repro", "prepare"]):
+        done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    clips = read_manifest(tmp_path / "artifacts/prepare/manifest.csv")
+    assert len(clips) == 12 and all(c.split == "labelled" for c in clips)
