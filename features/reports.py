@@ -1,6 +1,7 @@
 """Small JSON outputs written crash-safely: failure reports and transcripts."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 import tempfile
@@ -17,7 +18,8 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # A name of its own per write: two processes writing one file never share a temporary.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    _remove_dead_temporaries(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
         with open(fd, "w", encoding="utf-8") as fh:
             text = json.dumps(data, indent=1, ensure_ascii=False, sort_keys=True) + "\n"
@@ -32,6 +34,24 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _remove_dead_temporaries(path: Path) -> None:
+    """Temporaries of `path` left by killed writers (their pid is gone), never a live one's."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:].split(".")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
 
 
 def read_json(path: str | os.PathLike) -> Any:

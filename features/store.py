@@ -645,6 +645,7 @@ class StoreUpdate:
             for f in parts.iterdir():
                 if f.is_file() and (PART_RE.fullmatch(f.name) or f.name.startswith(TMP_PREFIX)):
                     f.unlink()
+                    faults.point("store.cleanup")
             try:
                 parts.rmdir()
             except OSError:
