@@ -31,10 +31,12 @@ import yaml  # noqa: E402
 
 from features.manifest import CLASSES, Clip, assign_folds, write_manifest  # noqa: E402
 from features.store import StoreUpdate, clip_key  # noqa: E402
-from models.config import FRAME_HEAD_TYPES, head_config, train_config  # noqa: E402
+from models import registry  # noqa: E402
+from models.bundles import PREDICTIONS, read_predictions  # noqa: E402
+from models.config import train_config  # noqa: E402
 from models.metrics import compute_metrics  # noqa: E402
 from models.probing import ProbeConfig, probe_encoder  # noqa: E402
-from models.run import PREDICTIONS, read_predictions, train_head  # noqa: E402
+from models.run import train_head  # noqa: E402
 
 COUNTS = {"neutral": 1248, "angry": 1208, "happy": 1038, "sad": 730, "worried": 616,
           "surprise": 190}  # MER2024 labelled set
@@ -76,7 +78,7 @@ def head_specs(frames: bool) -> dict[str, dict]:
     """The heads of the MER2024 profile (params.mer2024.yaml `train.heads`), run on CPU."""
     heads = yaml.safe_load((ROOT / "params.mer2024.yaml").read_text())["train"]["heads"]
     return {name: spec for name, spec in heads.items()
-            if frames or spec["type"] not in FRAME_HEAD_TYPES}
+            if frames or registry.get(spec["type"]).inputs != "frames"}
 
 
 def main() -> None:
@@ -87,7 +89,7 @@ def main() -> None:
     p.add_argument("--only", default="", help="comma-separated head names (default: all)")
     p.add_argument("--keep", default="", help="build the data here and keep it")
     args = p.parse_args()
-    frames = 0 if args.skip_frames or not FRAME_HEAD_TYPES else args.frames
+    frames = 0 if args.skip_frames else args.frames
     tmp = tempfile.TemporaryDirectory(prefix="mer-bench-heads-") if not args.keep else None
     root = Path(args.keep or tmp.name)
     root.mkdir(parents=True, exist_ok=True)
@@ -119,7 +121,7 @@ def main() -> None:
         specs = {k: v for k, v in specs.items() if k in args.only.split(",")}
     train_cfg = train_config({"seed": 0, "device": "cpu"})
     for name, spec in specs.items():
-        cfg = head_config(spec, f"bench.{name}")
+        cfg = registry.head_config(spec, f"bench.{name}")
         out = root / "heads" / name
         with timer() as t:
             train_head(name, cfg, train_cfg, root / "manifest.csv", features, out,

@@ -1,17 +1,22 @@
-"""Cached features by (encoder, layer, clip ids), as numpy or torch, without knowing the layout.
+"""Cached features by (encoder, layer, clip ids): the one way heads read embedding stores.
 
-    feats = FeatureSet("artifacts/features")
-    x = feats.pooled("hubert", layer=-1, ids=clip_ids, as_tensor=True)   # [N, D] torch.float32
-    frames, mask = feats.frames("hubert", ids=clip_ids, as_tensor=True)   # [N, K, T, D], [N, T]
+    with FeatureSet("artifacts/features") as feats:
+        ids = feats.common_ids(["hubert", "clip"], wanted_ids)     # clips every store has
+        x = feats.pooled("hubert", layer=-1, ids=ids)              # [N, D] float32
+        every = feats.pooled("hubert", ids=ids)                    # [N, L, D]
+        frames = feats.frames("hubert", ids, layer=-1)             # [T_i, D] per clip
+
+Stores open lazily and once; `close()` (or the `with` block) closes them.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
+from features.errors import ConfigError
 from features.store import INDEX, StoreError, StoreReader
 
 
@@ -20,38 +25,64 @@ class FeatureSet:
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
-        self.encoders = sorted(p.name for p in self.root.iterdir() if (p / INDEX).is_file()) \
-            if self.root.is_dir() else []
         self._open: dict[str, StoreReader] = {}
 
+    @property
+    def encoders(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if (p / INDEX).is_file())
+
     def store(self, encoder: str) -> StoreReader:
-        if encoder not in self.encoders:
-            raise StoreError(f"no feature store {encoder!r} under {self.root}; have {self.encoders}. "
-                             f"Run `dvc repro embed@{encoder}`.")
         if encoder not in self._open:
+            if not (self.root / encoder / INDEX).is_file():
+                raise StoreError(f"no feature store {encoder!r} under {self.root}; have "
+                                 f"{self.encoders}. Run `dvc repro embed@{encoder}`.")
             self._open[encoder] = StoreReader(self.root / encoder, kind="embedding")
         return self._open[encoder]
 
     def ids(self, encoder: str) -> list[str]:
         return list(self.store(encoder).ids)
 
-    def pooled(self, encoder: str, layer: int | None = None, ids: Sequence[str] | None = None,
-               as_tensor: bool = False, dtype=np.float32):
-        """[N, D] for one layer, [N, L, D] for all layers; rows in `ids` order."""
-        return _out(self.store(encoder).pooled(layer, ids).astype(dtype, copy=False), as_tensor)
+    def common_ids(self, encoders: Iterable[str], ids: Sequence[str]) -> list[str]:
+        """The ids (in the given order) that every listed store holds."""
+        stores = [self.store(e) for e in encoders]
+        return [c for c in ids if all(c in s for s in stores)]
 
-    def frames(self, encoder: str, ids: Sequence[str], as_tensor: bool = False, dtype=np.float32):
-        """Frame-level states padded to the longest clip: [N, K, T, D] and a validity mask [N, T]."""
+    def n_layers(self, encoder: str) -> int:
+        """Pooled layers the store keeps (hidden states including the embedding output)."""
         store = self.store(encoder)
-        clips = [store.get(cid) for cid in ids]
-        longest = max((c.shape[1] for c in clips), default=0)
-        k, d = (clips[0].shape[0], clips[0].shape[2]) if clips else (0, 0)
-        out = np.zeros((len(clips), k, longest, d), dtype=dtype)
-        mask = np.zeros((len(clips), longest), dtype=bool)
-        for i, c in enumerate(clips):
-            out[i, :, : c.shape[1]] = c
-            mask[i, : c.shape[1]] = True
-        return _out(out, as_tensor), _out(mask, as_tensor)
+        if not store.has_pooled:
+            raise StoreError(f"store {encoder!r} has no pooled vectors; rerun embed@{encoder}.")
+        return int(store.pooled_shape[0])
+
+    def pooled(self, encoder: str, layer: int | None = None,
+               ids: Sequence[str] | None = None) -> np.ndarray:
+        """float32 [N, D] for one layer (reads only its slice), [N, L, D] for all; `ids` order."""
+        return self.store(encoder).pooled(layer, ids).astype(np.float32, copy=False)
+
+    def frames(self, encoder: str, ids: Sequence[str], layer: int) -> list[np.ndarray]:
+        """Frame-level states [T_i, D] of one stored layer (one of `layers_frames`) per clip."""
+        store = self.store(encoder)
+        k = self.frame_layer(encoder, layer)
+        return [store.get(cid)[k] for cid in ids]
+
+    def frame_layer(self, encoder: str, layer: int) -> int:
+        """Position of `layer` among the layers the store keeps frame-level states for."""
+        store = self.store(encoder)
+        stored = list(store.meta.get("layers_frames") or [])
+        n = store.pooled_shape[0] if store.has_pooled else None
+        norm = (lambda v: v % n) if n else (lambda v: v)
+        if not stored or norm(layer) not in [norm(v) for v in stored]:
+            raise ConfigError(
+                f"frames_layer {layer} is not kept at frame level in store {encoder!r} (it keeps "
+                f"layers_frames {stored}); set the head's frames_layer to one of those, or add "
+                f"it to embed.encoders.{encoder}.layers_frames and rerun embed.")
+        return [norm(v) for v in stored].index(norm(layer))
+
+    def dim(self, encoder: str) -> int | None:
+        store = self.store(encoder)
+        return int(store.pooled_shape[2]) if store.has_pooled else None
 
     def close(self) -> None:
         for s in self._open.values():
@@ -63,10 +94,3 @@ class FeatureSet:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _out(array: np.ndarray, as_tensor: bool):
-    if not as_tensor:
-        return array
-    import torch
-    return torch.from_numpy(np.ascontiguousarray(array))

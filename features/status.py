@@ -1,8 +1,8 @@
 """`mer status`: clips per stage done / failed / pending / blocked, read from the stage outputs.
 
 Done = in the stage's store; failed = in its failures.json; pending = ready upstream but not done
-(run `dvc repro`); blocked = failed or missing upstream. Paths are those of dvc.yaml (a test keeps
-them in step). Fast: reads only store indexes and JSON, never arrays.
+(run `dvc repro`); blocked = failed or missing upstream. Stages and paths come from
+features.pipeline (checked against dvc.yaml). Fast: reads only store indexes and JSON, never arrays.
 """
 from __future__ import annotations
 
@@ -14,17 +14,9 @@ from typing import Mapping
 from features.errors import MerError
 from features.extract import read_transcripts
 from features.manifest import read_manifest
+from features.pipeline import MANIFEST, per_clip_stages
 from features.reports import read_json
 from features.store import StoreError, StoreReader
-
-MANIFEST = "artifacts/prepare/manifest.csv"
-# stage -> (output, failures.json, upstream stage); embed@<name> rows come from params.
-MEDIA_STAGES = {
-    "audio": ("artifacts/audio/audio", "artifacts/audio/failures.json", "prepare"),
-    "denoise": ("artifacts/denoise/denoised", "artifacts/denoise/failures.json", "audio"),
-    "asr": ("artifacts/asr/transcripts.json", "artifacts/asr/failures.json", "denoise"),
-    "faces": ("artifacts/faces/faces", "artifacts/faces/failures.json", "prepare"),
-}
 
 
 @dataclass
@@ -43,34 +35,26 @@ class StageStatus:
         return counts
 
 
-def stage_table(encoders: Mapping[str, Mapping]) -> dict[str, tuple[str, str, str]]:
-    """Every per-clip stage with its output, failure report and upstream stage."""
-    by_output = {out: stage for stage, (out, _, _) in MEDIA_STAGES.items()}
-    table = dict(MEDIA_STAGES)
-    for name, enc in encoders.items():
-        upstream = by_output.get(str(enc.get("input", "")).rstrip("/"), "prepare")
-        table[f"embed@{name}"] = (f"artifacts/features/{name}",
-                                  f"artifacts/features/{name}.failures.json", upstream)
-    return table
-
-
 def pipeline_status(root: str | os.PathLike, encoders: Mapping[str, Mapping]) -> list[StageStatus]:
     """Status rows for prepare and every per-clip stage of the project at `root`."""
     root = Path(root)
     if not (root / MANIFEST).is_file():
         raise MerError(f"{root / MANIFEST} does not exist: run `dvc repro prepare` first.")
     clips = {c.clip_id for c in read_manifest(root / MANIFEST)}
-    prepare = StageStatus("prepare", done=clips,
-                          failed=_failures(root / "artifacts/prepare/failures.json"))
-    rows = {"prepare": prepare}
-    for stage, (out, fails, upstream) in stage_table(encoders).items():
-        row = StageStatus(stage, failed=_failures(root / fails))
-        row.done, row.missing = _done(root / out)
-        row.done &= clips  # clips removed from the corpus do not count
-        ready = rows[upstream].done if upstream in rows else clips
+    rows: dict[str, StageStatus] = {}
+    for stage in per_clip_stages(encoders):
+        row = StageStatus(stage.name, failed=_failures(root / stage.failures))
+        if stage.name == "prepare":
+            row.done = clips
+        else:
+            row.done, row.missing = _done(root / stage.output)
+            row.done &= clips  # clips removed from the corpus do not count
+        ready = set(clips)
+        for up in stage.upstream:
+            ready &= rows[up].done if up in rows else clips
         row.pending = ready - row.done - set(row.failed)
         row.blocked = clips - row.done - set(row.failed) - row.pending
-        rows[stage] = row
+        rows[stage.name] = row
     return list(rows.values())
 
 

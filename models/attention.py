@@ -1,12 +1,20 @@
 """MERTools' `attention` fusion head (toolkit/models/attention.py) and its MLPEncoder."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping
 
 import torch
 from torch import Tensor, nn
 
 from models.blocks import Dropout, Linear
+from models.config import PooledConfig
+from models.registry import HeadType, register
+
+
+@dataclass
+class AttentionConfig(PooledConfig):
+    """`type: attention`: the neural head settings and `layer`."""
 
 
 class MLPEncoder(nn.Module):
@@ -59,3 +67,10 @@ class AttentionHead(nn.Module):
 
     def forward(self, feats: Mapping[str, Tensor]) -> Tensor:
         return self.fc_out(self.fuse(feats)[0])
+
+
+register(HeadType(
+    "attention", AttentionConfig, "pooled", "models.train",
+    build=lambda cfg, dims, n_classes, members: AttentionHead(dims, cfg.hidden, cfg.dropout,
+                                                              n_classes, members),
+    summary="MERTools' attention fusion: per-modality MLPs, softmax modality weights"))

@@ -1,12 +1,20 @@
 """The concatenation MLP baseline: the head every fusion head must beat."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping
 
 import torch
 from torch import Tensor, nn
 
 from models.blocks import Dropout, Linear
+from models.config import PooledConfig
+from models.registry import HeadType, register
+
+
+@dataclass
+class ConcatConfig(PooledConfig):
+    """`type: concat`: the neural head settings and `layer`."""
 
 
 class ConcatHead(nn.Module):
@@ -28,3 +36,10 @@ class ConcatHead(nn.Module):
 
     def forward(self, feats: Mapping[str, Tensor]) -> Tensor:
         return self.net(torch.cat([feats[n] for n in self.names], dim=-1))
+
+
+register(HeadType(
+    "concat", ConcatConfig, "pooled", "models.train",
+    build=lambda cfg, dims, n_classes, members: ConcatHead(dims, cfg.hidden, cfg.dropout,
+                                                           n_classes, members),
+    summary="concatenation MLP baseline (two hidden layers)"))

@@ -1,9 +1,14 @@
-"""Ensembles over trained heads' predictions.csv: soft voting, OOF-tuned weighted voting, stacking.
+"""Ensembles over trained heads' predictions.csv: hard and soft voting, OOF-tuned weights, stacking.
 
 Every head (neural or LightGBM) writes out-of-fold probabilities for the labelled clips (each
 from the fold model that did not see it) and fold-mean probabilities for the other clips, on the
 manifest's folds. An ensemble reads only those files:
 
+* ``hard``: majority voting: each head votes for its most probable class; the class with the
+  most votes wins. Ties between classes with equally many votes go to the one with the higher
+  mean probability over the heads (the soft vote), then to the earlier class in CLASSES order.
+  The written probabilities are the vote counts plus 0.01 x the mean probability (less than one
+  vote, so it only orders tied classes), renormalised to sum to 1: their argmax is the decision.
 * ``soft``: the mean of the heads' probabilities.
 * ``weighted``: a weighted mean, weights found by greedy forward selection with replacement
   (Caruana et al. 2004) maximising weighted F1 of the OOF probabilities; weights are
@@ -31,9 +36,10 @@ from features.errors import ConfigError
 from features.reports import write_json_atomic
 from models.config import CLASSES
 from models.metrics import compute_metrics, fast_scores
-from models.run import PREDICTIONS, _write_predictions, read_predictions
+from models.bundles import PREDICTIONS, read_predictions, write_predictions
 
-METHODS = ("soft", "weighted", "stacking")
+METHODS = ("hard", "soft", "weighted", "stacking")
+TIE_BREAK = 0.01  # hard voting: weight of the mean probability (< one vote) that orders ties
 INFO = "ensemble.json"
 EPS = 1e-6
 
@@ -42,7 +48,7 @@ EPS = 1e-6
 class EnsembleConfig:
     """One entry of params.yaml `ensemble.<name>`."""
 
-    method: str  # soft | weighted | stacking
+    method: str  # hard | soft | weighted | stacking
     heads: list[str] = field(default_factory=list)  # names under train.heads (>= 2)
     rounds: int = 40  # weighted: greedy selection steps; weights are multiples of 1/rounds
     c: float = 1.0  # stacking: inverse L2 strength of the logistic regression
@@ -104,6 +110,15 @@ def load_heads(heads_dir: str | os.PathLike, names: list[str]) -> HeadPrediction
 def soft_vote(probs: np.ndarray) -> np.ndarray:
     """[H, N, C] -> [N, C]: the mean."""
     return probs.mean(axis=0)
+
+
+def hard_vote(probs: np.ndarray) -> np.ndarray:
+    """[H, N, C] -> [N, C] whose argmax is the majority class (ties: see the module docstring)."""
+    h, n, c = probs.shape
+    votes = np.zeros((n, c))
+    np.add.at(votes, (np.tile(np.arange(n), h), probs.argmax(axis=2).reshape(-1)), 1.0)
+    score = votes + TIE_BREAK * probs.mean(axis=0)
+    return score / score.sum(axis=1, keepdims=True)
 
 
 def tune_weights(oof: np.ndarray, y: np.ndarray, rounds: int) -> np.ndarray:
@@ -174,8 +189,9 @@ def combine(preds: HeadPredictions, cfg: EnsembleConfig) -> EnsembleResult:
     lab = preds.labelled
     y = np.array([CLASSES.index(label) for label in np.array(preds.labels)[lab]])
     oof, test, folds = preds.probs[:, lab], preds.probs[:, ~lab], preds.folds[lab]
-    if cfg.method == "soft":
-        return EnsembleResult(soft_vote(oof), soft_vote(test), {})
+    if cfg.method in ("hard", "soft"):
+        vote = hard_vote if cfg.method == "hard" else soft_vote
+        return EnsembleResult(vote(oof), vote(test), {})
     if cfg.method == "weighted":
         return weighted_vote(oof, y, folds, test, cfg.rounds)
     return stack(oof, y, folds, test, cfg.c, cfg.class_weight)
@@ -192,7 +208,7 @@ def run_ensemble(name: str, cfg: EnsembleConfig, heads_dir: str | os.PathLike,
     others = [c for c, is_lab in zip(clips, lab) if not is_lab]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_predictions(out / PREDICTIONS, labelled, result.oof, preds.folds[lab], others,
+    write_predictions(out / PREDICTIONS, labelled, result.oof, preds.folds[lab], others,
                        result.test if others else None)
     y = np.array([CLASSES.index(c.label) for c in labelled])
     members = {h: compute_metrics(y, p)["weighted_f1"] for h, p in zip(cfg.heads, preds.probs[:, lab])}

@@ -11,17 +11,49 @@ predictions.csv as for the neural heads and evaluate/ensembles treat both alike.
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
-from typing import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from features.config import as_dict
-from features.errors import ConfigError, ModelLoadError
-from features.reports import read_json, write_json_atomic
-from models.config import CLASSES, GbdtConfig
-from models.train import CVResult, _as_labels, class_weights, given_splits
+from features.errors import ConfigError
+from models.config import CLASSES, HeadConfigBase, check_layer, check_positive
+from models.cv import (CVResult, ExtraRows, as_labels, class_weights, fold_ids, given_splits,
+                       held_out_index, training_parts)
+from models.registry import HeadType, register
+
+
+@dataclass
+class GbdtConfig(HeadConfigBase):
+    """`type: lightgbm`: LightGBM on pooled features (its own keys; no neural settings)."""
+
+    layer: Any = -1  # as a pooled neural head's `layer` (models.layers)
+    n_estimators: int = 100  # boosting rounds (fixed: no early stopping on the held-out fold)
+    learning_rate: float = 0.1
+    num_leaves: int = 15
+    max_depth: int = -1  # -1: no limit
+    min_child_samples: int = 10
+    feature_fraction: float = 0.2  # share of features per tree: pooled vectors are wide
+    bagging_fraction: float = 1.0  # share of rows per tree (1: no bagging)
+    lambda_l2: float = 1.0
+    max_bin: int = 63  # histogram bins per feature (fewer bins: faster on wide features)
+    class_weight: bool = True  # sklearn "balanced" sample weights from each fold's train part
+    num_threads: int = 0  # LightGBM threads; 0 = LightGBM's default (all cores)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_layer(self.layer)
+        check_positive(n_estimators=self.n_estimators, learning_rate=self.learning_rate,
+                       min_child_samples=self.min_child_samples, max_bin=self.max_bin)
+        if self.num_leaves < 2 or self.max_bin < 2 or self.num_threads < 0:
+            raise ConfigError(f"num_leaves={self.num_leaves} and max_bin={self.max_bin} must be "
+                              f">= 2, num_threads={self.num_threads} >= 0.")
+        for name in ("feature_fraction", "bagging_fraction"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be in (0, 1].")
+        if self.lambda_l2 < 0:
+            raise ConfigError(f"lambda_l2={self.lambda_l2} must be >= 0.")
+
 
 GBDT_FORMAT = "mer-lightgbm-bundle/1"
 RoundCallback = Callable[[int, int, float], None]  # (fold, round, train multi_logloss)
@@ -46,64 +78,74 @@ def lgb_params(cfg: GbdtConfig, seed: int) -> dict:
 
 
 def concat_features(features: Mapping[str, np.ndarray], cfg: GbdtConfig) -> np.ndarray:
-    """[N, sum D] float32: the listed encoders' vectors side by side, in `cfg.features` order."""
+    """[N, sum D] (or per-fold [K, N, sum D]) float32: the listed encoders' vectors side by side,
+    in `cfg.features` order."""
     missing = [n for n in cfg.features if n not in features]
     if missing:
         raise ConfigError(f"features lack {missing} listed in the head (have {sorted(features)}); "
                           f"extract them or remove them from `features`.")
     parts = [np.asarray(features[n], dtype=np.float32) for n in cfg.features]
-    if any(p.ndim != 2 for p in parts) or len({len(p) for p in parts}) != 1:
-        raise ConfigError(f"features must be [N, D] arrays with one N, got "
-                          f"{[p.shape for p in parts]}; pick one layer first.")
-    return np.ascontiguousarray(np.concatenate(parts, axis=1))
+    k = {p.shape[0] for p in parts if p.ndim == 3}
+    if any(p.ndim not in (2, 3) for p in parts) or len({p.shape[-2] for p in parts}) != 1 \
+            or len(k) > 1:
+        raise ConfigError(f"features must be [N, D] (or per-fold [K, N, D]) arrays with one N, "
+                          f"got {[p.shape for p in parts]}; pick the layers first.")
+    if k:  # some inputs per fold: repeat the shared ones for every fold
+        parts = [p if p.ndim == 3 else np.broadcast_to(p, (*k, *p.shape)) for p in parts]
+    return np.ascontiguousarray(np.concatenate(parts, axis=-1))
 
 
-def cross_validate_gbdt(features: Mapping[str, np.ndarray], labels: np.ndarray, cfg: GbdtConfig,
-                        folds: np.ndarray, seed: int = 0,
-                        test_features: Mapping[str, np.ndarray] | None = None,
-                        on_round: RoundCallback | None = None) -> tuple[CVResult, list[str]]:
-    """k-fold LightGBM on the given folds; returns the CVResult and each fold's model text."""
+def cross_validate(inputs: Mapping[str, np.ndarray], labels: np.ndarray, cfg: GbdtConfig,
+                   train_cfg: Any, folds: np.ndarray | None = None,
+                   test: Mapping[str, np.ndarray] | None = None, extra: ExtraRows | None = None,
+                   on_epoch: RoundCallback | None = None) -> CVResult:
+    """k-fold LightGBM on the given folds (required); fold_states hold each fold's model text."""
     import lightgbm as lgb
 
-    x = concat_features(features, cfg)
-    y = _as_labels(labels, len(x))
-    x_test = concat_features(test_features, cfg) if test_features else None
-    if x_test is not None and x_test.shape[1] != x.shape[1]:
-        raise ConfigError(f"test features have {x_test.shape[1]} dims, training {x.shape[1]}.")
-    splits = given_splits(folds, len(y))
-    params = lgb_params(cfg, seed)
-    oof = np.zeros((len(y), len(CLASSES)))
-    fold_of = np.empty(len(y), dtype=np.int64)
-    test = np.zeros((len(x_test), len(CLASSES))) if x_test is not None else None
+    if folds is None:
+        raise ConfigError("lightgbm heads train on given folds (the manifest's fold column).")
+    x = concat_features(inputs, cfg)
+    n = x.shape[-2]
+    y = as_labels(labels, n)
+    splits = given_splits(folds, n)
+    parts = training_parts(splits, fold_ids(splits, folds), n, extra)
+    if extra is not None:
+        ex = concat_features(extra.inputs, cfg)
+        x = np.concatenate([x, ex], axis=-2)
+        y = np.concatenate([y, as_labels(extra.labels, ex.shape[-2])])
+    x_test = concat_features(test, cfg) if test else None
+    if x_test is not None and x_test.shape[-1] != x.shape[-1]:
+        raise ConfigError(f"test features have {x_test.shape[-1]} dims, training {x.shape[-1]}.")
+    params = lgb_params(cfg, train_cfg.seed)
+    oof = np.zeros((n, len(CLASSES)))
+    test_probs = np.zeros((x_test.shape[-2], len(CLASSES))) if x_test is not None else None
     history, models = [], []
-    for fold, (tr, held) in enumerate(splits):
+    for fold, ((_, held), tr) in enumerate(zip(splits, parts)):
+        xf = x[fold] if x.ndim == 3 else x
         weight = class_weights(y[tr]).numpy()[y[tr]] if cfg.class_weight else None
-        data = lgb.Dataset(x[tr], label=y[tr], weight=weight, params=params,
+        data = lgb.Dataset(xf[tr], label=y[tr], weight=weight, params=params,
                            free_raw_data=True)
         record: dict = {}
         booster = lgb.train(params, data, num_boost_round=cfg.n_estimators, valid_sets=[data],
                             valid_names=["train"], callbacks=[lgb.record_evaluation(record)])
         losses = [float(v) for v in record["train"]["multi_logloss"]]
         history.append(losses)
-        if on_round is not None:
+        if on_epoch is not None:
             for r, loss in enumerate(losses):
-                on_round(fold, r, loss)
-        oof[held] = booster.predict(x[held])
-        fold_of[held] = fold
-        if test is not None:
-            test += booster.predict(x_test) / len(splits)
+                on_epoch(fold, r, loss)
+        oof[held] = booster.predict(xf[held])
+        if test_probs is not None:
+            xt = x_test[fold] if x_test.ndim == 3 else x_test
+            test_probs += booster.predict(xt) / len(splits)
         models.append(booster.model_to_string())
-    result = CVResult(oof.astype(np.float32), fold_of,
-                      None if test is None else test.astype(np.float32), history)
-    return result, models
+    return CVResult(oof.astype(np.float32), held_out_index(splits, n),
+                    None if test_probs is None else test_probs.astype(np.float32), history,
+                    models)
 
 
-def save_gbdt_bundle(path: str | os.PathLike, models: list[str], cfg: GbdtConfig,
-                     feature_dims: Mapping[str, int]) -> Path:
-    """Every fold's LightGBM model (its text format) with the head config, as one JSON file."""
-    return write_json_atomic(path, {
-        "format": GBDT_FORMAT, "config": as_dict(cfg), "classes": list(CLASSES),
-        "feature_dims": {n: int(feature_dims[n]) for n in cfg.features}, "folds": models})
+def bundle_state(result: CVResult, cfg: GbdtConfig) -> dict:
+    """Every fold's LightGBM model in its text format."""
+    return {"folds": list(result.fold_states)}
 
 
 class GbdtPredictor:
@@ -120,24 +162,18 @@ class GbdtPredictor:
 
     def predict_proba(self, features: Mapping[str, np.ndarray]) -> np.ndarray:
         x = concat_features(features, self.cfg)
-        if x.shape[1] != sum(self.feature_dims.values()):
-            raise ConfigError(f"features have {x.shape[1]} dims, the model was trained on "
+        if x.shape[-1] != sum(self.feature_dims.values()):
+            raise ConfigError(f"features have {x.shape[-1]} dims, the model was trained on "
                               f"{self.feature_dims}; use the same encoders and layer.")
-        return np.mean([b.predict(x) for b in self.boosters], axis=0).astype(np.float32)
+        per_fold = [b.predict(x[k] if x.ndim == 3 else x) for k, b in enumerate(self.boosters)]
+        return np.mean(per_fold, axis=0).astype(np.float32)
 
 
-def load_gbdt_bundle(path: str | os.PathLike) -> GbdtPredictor:
-    path = Path(path)
-    if not path.is_file():
-        raise ModelLoadError(f"LightGBM bundle {path} does not exist; run the train stage first.")
-    try:
-        bundle = read_json(path)
-        if bundle.get("format") != GBDT_FORMAT or list(bundle["classes"]) != list(CLASSES):
-            raise ModelLoadError(f"{path} is not a {GBDT_FORMAT} bundle for classes "
-                                 f"{list(CLASSES)}; retrain it.")
-        return GbdtPredictor(GbdtConfig(**bundle["config"]), bundle["feature_dims"],
-                             bundle["folds"])
-    except ModelLoadError:
-        raise
-    except Exception as err:
-        raise ModelLoadError(f"LightGBM bundle {path} did not load: {err}. Retrain it.") from err
+def predictor(cfg: GbdtConfig, feature_dims: Mapping[str, int], state: dict,
+              device: str = "cpu") -> GbdtPredictor:
+    return GbdtPredictor(cfg, feature_dims, state["folds"])
+
+
+register(HeadType("lightgbm", GbdtConfig, "pooled", "models.gbdt",
+                  summary="LightGBM per modality or on concatenated pooled vectors, "
+                          "class-weighted"))

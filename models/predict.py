@@ -16,8 +16,10 @@ from typing import Mapping
 
 import numpy as np
 
+from features import pipeline
 from features.asr import AsrConfig
 from features.config import as_dict, from_section
+from features.dataset import FeatureSet
 from features.denoise import DenoiseConfig
 from features.embed import embed_store
 from features.encoders import EncoderConfig
@@ -26,13 +28,8 @@ from features.extract import AudioConfig, crop_faces, denoise_audio, extract_aud
 from features.faces import FacesConfig
 from features.manifest import Clip, describe, write_manifest
 from features.reports import read_json
-from features.status import MEDIA_STAGES
+from models.bundles import HeadPredictor, load_head
 from models.config import CLASSES
-from models.run import BUNDLE, load_pooled
-from models.train import head_inputs, load_bundle, select_layer
-
-_STAGE_OF = {out: stage for stage, (out, _, _) in MEDIA_STAGES.items()}
-_NEEDS = {"audio": [], "denoise": ["audio"], "asr": ["denoise"], "faces": []}
 
 
 @dataclass
@@ -48,7 +45,7 @@ def predict_videos(videos: list[str], params: Mapping, heads_dir: str | os.PathL
                    work_dir: str | os.PathLike = "artifacts/predict") -> list[Prediction]:
     """One Prediction per video, in order; stage progress goes to stderr."""
     work = Path(work_dir)
-    predictor = load_head(Path(heads_dir) / head)
+    predictor = trained_head(Path(heads_dir) / head)
     preds, clips = _describe_all(videos)
     with contextlib.redirect_stdout(sys.stderr):
         failed = _run_stages(clips, predictor.cfg.features, params, work) if clips else {}
@@ -57,8 +54,10 @@ def predict_videos(videos: list[str], params: Mapping, heads_dir: str | os.PathL
         if pred.clip_id in failed:
             pred.error = failed[pred.clip_id]
     if ok:
-        have, probs = predictor.predict(work / "features", ok)
-        by_id = {c.clip_id: p for c, p in zip(have, probs)}
+        with FeatureSet(work / "features") as features:
+            have = features.common_ids(predictor.cfg.features, [c.clip_id for c in ok])
+            probs = predictor.predict(features, have) if have else []
+        by_id = dict(zip(have, probs))
         for pred in preds:
             if pred.clip_id in by_id:
                 p = by_id[pred.clip_id]
@@ -69,54 +68,12 @@ def predict_videos(videos: list[str], params: Mapping, heads_dir: str | os.PathL
     return preds
 
 
-class HeadPredictor:
-    """Any trained head folder (pooled, frame-level or LightGBM) behind one `predict`."""
-
-    def __init__(self, head_dir: Path, probe_dir: str | os.PathLike = "artifacts/probe"):
-        from models.run import GBDT_BUNDLE
-        self.probe_dir = Path(probe_dir)
-        if (head_dir / GBDT_BUNDLE).is_file():
-            from models.gbdt import load_gbdt_bundle
-            self.kind, self.model = "pooled", load_gbdt_bundle(head_dir / GBDT_BUNDLE)
-        elif _bundle_format(head_dir / BUNDLE).startswith("mer-frame-bundle"):
-            from models.sequence import load_frame_bundle
-            self.kind, self.model = "frames", load_frame_bundle(head_dir / BUNDLE)
-        else:
-            self.kind, self.model = "pooled", load_bundle(head_dir / BUNDLE)
-        self.cfg = self.model.cfg
-
-    def predict(self, features_dir: Path, clips: list[Clip]) -> tuple[list[Clip], np.ndarray]:
-        """The clips every needed store has, and their [N, C] probabilities."""
-        pooled, have, _ = load_pooled(features_dir, self.cfg.features, clips)
-        if not have:
-            return [], np.zeros((0, len(CLASSES)), np.float32)
-        if self.kind == "frames":
-            from models.sequence import load_frames
-            frames = load_frames(features_dir, self.cfg.features, [c.clip_id for c in have],
-                                 self.cfg.frames_layer, self.cfg.max_frames)
-            return have, self.model.predict_proba(frames)
-        if self.cfg.layer == "best":  # chosen by the probe stage when the head was trained
-            from models.probing import best_layer
-            x = {n: select_layer(pooled[n], best_layer(self.probe_dir, n)) for n in self.cfg.features}
-        else:
-            x = head_inputs(pooled, self.cfg)
-        return have, self.model.predict_proba(x)
-
-
-def load_head(head_dir: str | os.PathLike) -> HeadPredictor:
-    head_dir = Path(head_dir)
+def trained_head(head_dir: Path) -> HeadPredictor:
+    """The trained head in `head_dir` (any registered type), or an error listing the trained."""
     if not head_dir.is_dir():
         raise MerError(f"no trained head at {head_dir}; run `dvc repro` first or pick one with "
                        f"--head (trained: {sorted(p.name for p in head_dir.parent.glob('*/'))}).")
-    return HeadPredictor(head_dir)
-
-
-def _bundle_format(path: Path) -> str:
-    import torch
-    try:
-        return str(torch.load(path, map_location="cpu", weights_only=True).get("format", ""))
-    except Exception:  # noqa: BLE001 - load_bundle below gives the clear error
-        return ""
+    return load_head(head_dir)
 
 
 def _describe_all(videos: list[str]) -> tuple[list[Prediction], list[Clip]]:
@@ -146,37 +103,34 @@ def _run_stages(clips: list[Clip], encoders: list[str], params: Mapping, work: P
     write_manifest(manifest, clips)
     cfgs = {n: from_section(EncoderConfig, params["embed"]["encoders"][n], f"embed.encoders.{n}")
             for n in encoders}
-    inputs = {n: _STAGE_OF.get(c.input.rstrip("/")) for n, c in cfgs.items()}
-    stages = _with_upstream([s for s in inputs.values() if s])
+    inputs = {n: pipeline.stage_of(c.input) for n, c in cfgs.items()}
+    stages = pipeline.needed(list(inputs.values()))
+    at = {s: _in_work(work, pipeline.MEDIA[s].output) for s in pipeline.MEDIA if s != "prepare"}
     runs = {
         "audio": lambda: extract_audio(manifest, from_section(AudioConfig, params["audio"], "audio"),
-                                       work / "audio"),
-        "denoise": lambda: denoise_audio(work / "audio/audio",
+                                       at["audio"].parent),
+        "denoise": lambda: denoise_audio(at["audio"],
                                          from_section(DenoiseConfig, params["denoise"], "denoise"),
-                                         work / "denoise"),
-        "asr": lambda: transcribe_audio(work / "denoise/denoised", _asr_config(params), work / "asr"),
+                                         at["denoise"].parent),
+        "asr": lambda: transcribe_audio(at["denoise"], _asr_config(params), at["asr"].parent),
         "faces": lambda: crop_faces(manifest, from_section(FacesConfig, params["faces"], "faces"),
-                                    work / "faces"),
+                                    at["faces"].parent),
     }
     failed: dict[str, str] = {}
     for stage in stages:
-        _guarded(runs[stage], stage, clips, failed, work / stage / "failures.json")
+        _guarded(runs[stage], stage, clips, failed, _in_work(work, pipeline.MEDIA[stage].failures))
     for name, cfg in cfgs.items():
-        src = work / MEDIA_STAGES[inputs[name]][0].split("/", 1)[1] if inputs[name] else cfg.input
-        out = work / "features" / name
-        _guarded(lambda: embed_store(name, cfg, src, out), f"embed@{name}", clips, failed,
-                 out.parent / f"{name}.failures.json")
+        stage = pipeline.embed(name, cfg.input)
+        src = at[inputs[name]] if inputs[name] != "prepare" else cfg.input
+        out = _in_work(work, stage.output)
+        _guarded(lambda: embed_store(name, cfg, src, out), stage.name, clips, failed,
+                 _in_work(work, stage.failures))
     return failed
 
 
-def _with_upstream(stages: list[str]) -> list[str]:
-    order = ["audio", "denoise", "asr", "faces"]
-    need = set(stages)
-    for s in stages:
-        need.update(_NEEDS[s])
-        if s == "asr":
-            need.add("audio")
-    return [s for s in order if s in need]
+def _in_work(work: Path, path: str) -> Path:
+    """Where a pipeline path lies in the predict work folder (artifacts/x -> work/x)."""
+    return work / path.split("/", 1)[1]
 
 
 def _asr_config(params: Mapping) -> AsrConfig:

@@ -20,7 +20,9 @@ For one encoder's pooled states ``[N, L, D]`` and the manifest's folds (the spli
 
 Outputs of `probe_encoder` (the `probe@<encoder>` stage): ``scores.json`` (one row per layer,
 for `dvc plots`), ``layers.png``, ``weights.json`` (the learnt layer weights) and ``best.json``
-(``best_layer`` and its score), which heads read with ``layer: best`` (see `best_layer`).
+(``best_layer`` and its score), which heads read with ``layer: best``; ``weights.json`` holds
+each fold's learnt weights with the fold ids (``folds``, ``per_fold``), which heads read with
+``layer: weighted`` (models.layers: fold k of a head uses fold k's weights only).
 """
 from __future__ import annotations
 
@@ -34,17 +36,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from features.dataset import FeatureSet
 from features.errors import ConfigError
 from features.manifest import read_manifest
-from features.reports import read_json, write_json_atomic
-from features.store import StoreReader
+from features.reports import write_json_atomic
 from models.config import CLASSES
 from models.metrics import compute_metrics, fast_scores
 from models.plots import plot_layer_curve
-from models.train import _own_rng, class_weights, given_splits
+from models.cv import fold_class_weights, given_splits, own_rng
+from models.layers import BEST, WEIGHTS
 
 EPS_STD = 1e-6
-SCORES, WEIGHTS, BEST, PLOT = "scores.json", "weights.json", "best.json", "layers.png"
+SCORES, PLOT = "scores.json", "layers.png"
 
 
 @dataclass
@@ -122,9 +125,8 @@ def _threads(threads: int):
 
 
 def _fold_class_weights(y: np.ndarray, splits, balanced: bool) -> Tensor:
-    """[K, C] per-class sample weights of each fold's train part (float64)."""
-    rows = [class_weights(y[tr]) if balanced else torch.ones(len(CLASSES)) for tr, _ in splits]
-    return torch.stack(rows).double()
+    """[K, C] per-class sample weights of each fold's train part."""
+    return fold_class_weights(y, [tr for tr, _ in splits], balanced).double()
 
 
 def _ridge_oof(x: Tensor, y: np.ndarray, fold_of: np.ndarray, splits, weights: Tensor,
@@ -182,7 +184,7 @@ def learn_layer_weights(pooled: np.ndarray, labels: np.ndarray, folds: np.ndarra
     pooled, y, splits = _checked(pooled, labels, folds)
     n_layers = pooled.shape[1]
     n_classes, k = len(CLASSES), len(splits)
-    with _threads(cfg.threads), _own_rng(torch.device("cpu")):
+    with _threads(cfg.threads), own_rng(torch.device("cpu")):
         torch.manual_seed(cfg.seed)
         x = torch.from_numpy(np.ascontiguousarray(pooled.transpose(1, 0, 2), dtype=np.float32))
         shift, factor = _layer_scalers(x, splits)  # [K, L, D] each
@@ -288,11 +290,13 @@ def probe_encoder(encoder: str, manifest: str | os.PathLike, store: str | os.Pat
                   out_dir: str | os.PathLike, cfg: ProbeConfig) -> dict:
     """Probe every layer of one encoder's store on the labelled clips; write the four outputs."""
     clips = [c for c in read_manifest(manifest) if c.label]
-    with StoreReader(store, kind="embedding") as reader:
-        clips = [c for c in clips if c.clip_id in reader]
+    store = Path(store)
+    with FeatureSet(store.parent) as features:
+        have = set(features.common_ids([store.name], [c.clip_id for c in clips]))
+        clips = [c for c in clips if c.clip_id in have]
         if not clips:
             raise ConfigError(f"no labelled clip of the manifest is in {store}; run embed first.")
-        pooled = reader.pooled(ids=[c.clip_id for c in clips])
+        pooled = features.pooled(store.name, ids=[c.clip_id for c in clips])
     y = np.array([CLASSES.index(c.label) for c in clips])
     folds = np.array([c.fold for c in clips])
     scores = probe_layers(pooled, y, folds, cfg)
@@ -306,6 +310,7 @@ def probe_encoder(encoder: str, manifest: str | os.PathLike, store: str | os.Pat
     if learnt is not None:
         m = compute_metrics(y, learnt.oof_probs)
         weights.update(layer_weights=[round(float(v), 5) for v in learnt.weights.mean(0)],
+                       folds=sorted(int(f) for f in set(folds.tolist())),
                        per_fold=[[round(float(v), 5) for v in row] for row in learnt.weights],
                        weighted_f1=m["weighted_f1"], accuracy=m["accuracy"],
                        train_loss=[round(float(np.mean(e)), 5) for e in zip(*learnt.history)])
@@ -322,12 +327,3 @@ def probe_encoder(encoder: str, manifest: str | os.PathLike, store: str | os.Pat
                      f"{encoder}: out-of-fold probe per layer ({len(y)} clips)",
                      featurizer_f1=weights.get("weighted_f1"))
     return best
-
-
-def best_layer(probe_dir: str | os.PathLike, encoder: str) -> int:
-    """The `best_layer` that probe@<encoder> wrote (what `layer: best` in a head resolves to)."""
-    path = Path(probe_dir) / encoder / BEST
-    if not path.is_file():
-        raise ConfigError(f"layer: best needs {path}; run `dvc repro probe@{encoder}` (or "
-                          f"`mer probe {encoder} ...`) first, or give the layer as an index.")
-    return int(read_json(path)["best_layer"])

@@ -1,143 +1,127 @@
-"""Stage functions for `train@<head>` and `evaluate`: feature stores in, predictions and metrics out.
+"""Stage functions for `train@<head>` and `evaluate`, and the public training entry points.
+
+    from models import registry
+    from models.run import ExtraClips, ExtraRows, cross_validate_head, train_head
+    cfg = registry.head_config({"type": "agt", "features": ["hubert", "clip", "minilm"]}, "x")
+    result = cross_validate_head(cfg, train_cfg, inputs, labels, folds, test=None, extra=None)
+    train_head(name, cfg, train_cfg, manifest, features_dir, out_dir, probe_dir, extra=None)
 
 A head trains on the labelled clips that have every feature it uses (clips that failed upstream are
 listed in its failures.json); its fold models also predict the unlabelled/test clips (mean of folds).
-Predictions go to ``predictions.csv``: one row per clip with its split, fold and class probabilities.
+Predictions go to ``predictions.csv`` (models.bundles): one row per clip with its split, fold and
+class probabilities.
 """
 from __future__ import annotations
 
-import csv
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from features.manifest import Clip, read_manifest
+from features.dataset import FeatureSet
+from features.manifest import read_manifest
 from features.reports import FailureReport, read_json, write_json_atomic
-from features.store import StoreReader
-from models.config import CLASSES, FRAME_HEAD_TYPES, GBDT_TYPES, HeadConfig, TrainConfig
+from models import registry
+from models.bundles import (HISTORY, PREDICTIONS, labelled_probs, read_meta, save_bundle,
+                            scored, write_predictions)
+from models.config import CLASSES
 from models.metrics import compute_metrics
 from models.plots import confusion_rows, plot_confusion
 
 
-
 @dataclass
-class EvaluateConfig:
-    """params.yaml `evaluate`."""
-    main_head: str = "attention"  # the head whose confusion matrix is plotted
+class ExtraClips:
+    """Clips (e.g. pseudo-labelled unlabelled ones) that join the training part of folds and are
+    never held out or scored; `folds` as in models.cv.ExtraRows (-1: every fold)."""
+
+    ids: list[str]
+    labels: list[str]  # class names
+    folds: list[int] | None = None
 
 
-PREDICTIONS, BUNDLE, HISTORY = "predictions.csv", "model.pt", "history.json"
-GBDT_BUNDLE = "model.lgbm.json"  # LightGBM heads (models.gbdt)
+def cross_validate_head(cfg: Any, train_cfg: Any, inputs: Mapping[str, Any], labels: np.ndarray,
+                        folds: np.ndarray | None = None, test: Mapping[str, Any] | None = None,
+                        extra: Any = None, on_epoch=None):
+    """k-fold train any registered head type on in-memory inputs; a models.cv.CVResult.
 
-
-def load_pooled(features_dir: str | os.PathLike, names: list[str], clips: list[Clip],
-                layers: dict[str, int] | None = None
-                ) -> tuple[dict[str, np.ndarray], list[Clip], list[Clip]]:
-    """Pooled arrays per encoder for the clips every store has; and the clips without.
-
-    [N, D] for an encoder with an index in `layers` (one contiguous slice of the store: a
-    head on one layer never reads the other 24), else [N, L, D].
+    `inputs`: ``{encoder: [N, D]}`` pooled arrays (or per-fold ``[K, N, D]``) for a pooled head,
+    ``{encoder: models.sequence.Frames}`` for a frame-level one; `labels` class ids; `folds`
+    each row's fold id (None: seeded stratified folds); `extra` a models.cv.ExtraRows.
     """
-    layers = layers or {}
-    stores = [StoreReader(Path(features_dir) / n, kind="embedding") for n in names]
-    try:
-        have = [c for c in clips if all(c.clip_id in s for s in stores)]
-        lacking = [c for c in clips if not all(c.clip_id in s for s in stores)]
-        ids = [c.clip_id for c in have]
-        pooled = {n: s.pooled(layers.get(n), ids=ids).astype(np.float32)
-                  for n, s in zip(names, stores)}
-    finally:
-        for s in stores:
-            s.close()
-    return pooled, have, lacking
+    trainer = registry.get(cfg.type).trainer_module()
+    return trainer.cross_validate(inputs, labels, cfg, train_cfg, folds=folds, test=test,
+                                  extra=extra, on_epoch=on_epoch)
 
 
-def train_head(name: str, cfg: HeadConfig, train_cfg: TrainConfig, manifest: str | os.PathLike,
+def train_head(name: str, cfg: Any, train_cfg: Any, manifest: str | os.PathLike,
                features_dir: str | os.PathLike, out_dir: str | os.PathLike,
-               probe_dir: str | os.PathLike = "artifacts/probe") -> Path:
-    """k-fold train one head; write model.pt, predictions.csv, history.json and failures.json.
+               probe_dir: str | os.PathLike = "artifacts/probe",
+               extra: ExtraClips | None = None) -> Path:
+    """k-fold train one head; write head.json, model.pt, predictions.csv, history.json and
+    failures.json. `probe_dir` is read for `layer: best` and `layer: weighted`."""
+    from models.cv import ExtraRows, given_splits
+    from models.layers import plan_head, read_inputs
 
-    `probe_dir` is read only for `layer: best` (each encoder's probe best.json).
-    """
-    # torch is imported here, not at module level: evaluate and ensembles import this module
-    # and need none of it (each DVC stage is a fresh process; imports are its fixed cost).
-    from models.probing import best_layer
-    from models.train import cross_validate, head_inputs, save_bundle
-
-    if cfg.type in FRAME_HEAD_TYPES:  # agt, joint_at: frame-level inputs (models/sequence.py)
-        from models.sequence import train_frame_head
-        return train_frame_head(name, cfg, train_cfg, manifest, features_dir, out_dir)
+    head = registry.get(cfg.type)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    layers = ({n: best_layer(probe_dir, n) for n in cfg.features} if cfg.layer == "best" else
-              {n: cfg.layer for n in cfg.features} if _is_index(cfg.layer) else {})
-    pooled, clips, lacking = load_pooled(features_dir, cfg.features, read_manifest(manifest),
-                                         layers)
-    failures = FailureReport(f"train@{name}")
-    for c in lacking:
-        failures.add(c.clip_id, "missing_features", f"not in every store of {cfg.features}; "
-                     f"see the upstream stages' failures.json.")
-    inputs = pooled if layers else head_inputs(pooled, cfg)  # one layer read, or mean/last4
-    lab = np.array([bool(c.label) for c in clips])
-    y = np.array([CLASSES.index(c.label) for c in clips if c.label])
-    test = {n: a[~lab] for n, a in inputs.items()} if (~lab).any() else None
-    folds = np.array([c.fold for c in clips if c.label])  # one split shared by every head
-    dims = {n: a.shape[1] for n, a in inputs.items()}
-    if cfg.type in GBDT_TYPES:  # LightGBM (models/gbdt.py): same folds, same outputs
-        from models.gbdt import cross_validate_gbdt, save_gbdt_bundle
-        result, models = cross_validate_gbdt({n: a[lab] for n, a in inputs.items()}, y, cfg,
-                                             folds, train_cfg.seed, test_features=test)
-        save_gbdt_bundle(out / GBDT_BUNDLE, models, cfg, dims)
-    else:
-        result = cross_validate({n: a[lab] for n, a in inputs.items()}, y, cfg, train_cfg,
-                                test_features=test, folds=folds)
-        save_bundle(out / BUNDLE, result, cfg, dims)
-    labelled = [c for c in clips if c.label]
-    unlabelled = [c for c in clips if not c.label]
-    _write_predictions(out / PREDICTIONS, labelled, result.oof_probs, result.fold_of,
-                       unlabelled, result.test_probs)
+    clips = read_manifest(manifest)
+    with FeatureSet(features_dir) as features:
+        kept = set(features.common_ids(cfg.features, [c.clip_id for c in clips]))
+        failures = FailureReport(f"train@{name}")
+        for c in clips:
+            if c.clip_id not in kept:
+                failures.add(c.clip_id, "missing_features", f"not in every store of "
+                             f"{cfg.features}; see the upstream stages' failures.json.")
+        labelled = [c for c in clips if c.clip_id in kept and c.label]
+        unlabelled = [c for c in clips if c.clip_id in kept and not c.label]
+        folds = np.array([c.fold for c in labelled])  # one split shared by every head
+        splits = given_splits(folds, len(labelled))
+        plans = plan_head(cfg, features, probe_dir, sorted(set(folds.tolist()))) \
+            if head.inputs == "pooled" else {}
+        ids = [c.clip_id for c in labelled + unlabelled]
+        x, plans = read_inputs(head, cfg, features, ids, plans, [tr for tr, _ in splits])
+        rows = _extra_rows(head, cfg, features, plans, extra)
+    n = len(labelled)
+    inputs = {k: _take(v, slice(0, n)) for k, v in x.items()}
+    test = {k: _take(v, slice(n, None)) for k, v in x.items()} if unlabelled else None
+    y = np.array([CLASSES.index(c.label) for c in labelled])
+    result = cross_validate_head(cfg, train_cfg, inputs, y, folds, test,
+                                 ExtraRows(*rows) if rows else None)
+    save_bundle(out, cfg, _dims(x), head.trainer_module().bundle_state(result, cfg),
+                {k: p.state() for k, p in plans.items()})
+    write_predictions(out / PREDICTIONS, labelled, result.oof_probs, result.fold_of,
+                      unlabelled, result.test_probs)
     write_json_atomic(out / HISTORY, {"train_loss": result.history})
     failures.write(out / "failures.json")
     return out
 
 
-def _is_index(layer) -> bool:
-    return isinstance(layer, (int, np.integer)) and not isinstance(layer, bool)
+def _extra_rows(head, cfg, features: FeatureSet, plans, extra: ExtraClips | None):
+    if extra is None or not extra.ids:
+        return None
+    from models.layers import read_inputs
+
+    missing = [c for c in extra.ids if c not in set(features.common_ids(cfg.features, extra.ids))]
+    if missing:
+        raise KeyError(f"extra clips {missing[:3]} are not in every store of {cfg.features}.")
+    x, _ = read_inputs(head, cfg, features, extra.ids, plans)
+    labels = np.array([CLASSES.index(label) for label in extra.labels])
+    return x, labels, None if extra.folds is None else np.asarray(extra.folds)
 
 
-def _write_predictions(path: Path, labelled: list[Clip], oof: np.ndarray, fold_of: np.ndarray,
-                       unlabelled: list[Clip], test: np.ndarray | None) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["clip_id", "split", "label", "fold", "predicted", *CLASSES])
-        rows = [(c, "labelled", int(f), p) for c, f, p in zip(labelled, fold_of, oof)]
-        if test is not None:
-            rows += [(c, "unlabelled", -1, p) for c, p in zip(unlabelled, test)]
-        for clip, split, fold, probs in rows:
-            w.writerow([clip.clip_id, split, clip.label, fold, CLASSES[int(np.argmax(probs))],
-                        *(f"{p:.6f}" for p in probs)])
-    os.replace(tmp, path)
+def _take(v: Any, rows: slice) -> Any:
+    """Rows of a pooled array ([N, D] or per-fold [K, N, D]) or of Frames."""
+    if isinstance(v, np.ndarray):
+        return v[..., rows, :]
+    return v.take(np.arange(len(v))[rows])
 
 
-def read_predictions(path: str | os.PathLike) -> list[dict]:
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
-def _scored(*folders: str | os.PathLike | None) -> dict[str, Path]:
-    """name -> predictions.csv of every trained head / ensemble under the given folders."""
-    found: dict[str, Path] = {}
-    for folder in (Path(f) for f in folders if f is not None):
-        for sub in sorted(folder.iterdir()) if folder.is_dir() else []:
-            if (sub / PREDICTIONS).is_file():
-                if sub.name in found:
-                    raise KeyError(f"{sub.name!r} names both a head and an ensemble; rename one "
-                                   f"in params.yaml (train.heads / ensemble).")
-                found[sub.name] = sub / PREDICTIONS
-    return found
+def _dims(x: Mapping[str, Any]) -> dict[str, int]:
+    return {k: int(v.shape[-1]) if isinstance(v, np.ndarray) else int(v.dim)
+            for k, v in x.items()}
 
 
 def evaluate(heads_dir: str | os.PathLike, main_head: str, out_dir: str | os.PathLike,
@@ -145,14 +129,13 @@ def evaluate(heads_dir: str | os.PathLike, main_head: str, out_dir: str | os.Pat
     """metrics.json over every trained head and ensemble (out-of-fold), confusion of one of them."""
     heads_dir, out = Path(heads_dir), Path(out_dir)
     metrics, confusion = {}, None
-    scored = _scored(heads_dir, ensembles_dir)
-    for head, path in scored.items():
-        rows = [r for r in read_predictions(path) if r["split"] == "labelled"]
-        y = np.array([CLASSES.index(r["label"]) for r in rows])
-        probs = np.array([[float(r[c]) for c in CLASSES] for r in rows])
+    found = scored(heads_dir, ensembles_dir)
+    for head, path in found.items():
+        y, probs = labelled_probs(path)
         m = compute_metrics(y, probs)
         metrics[head] = {k: m[k] for k in ("weighted_f1", "accuracy", "macro_f1", "per_class_f1")}
-        metrics[head]["clips"] = len(rows)
+        metrics[head]["clips"] = len(y)
+        metrics[head]["type"] = _kind(path.parent)
         if head == main_head:
             confusion = (m["confusion"], y, probs.argmax(1))
     if not metrics:
@@ -160,13 +143,23 @@ def evaluate(heads_dir: str | os.PathLike, main_head: str, out_dir: str | os.Pat
     if confusion is None:
         raise KeyError(f"evaluate.main_head {main_head!r} was not trained; trained heads: "
                        f"{sorted(metrics)}. Fix evaluate.main_head in params.yaml.")
-    ensembles = sorted(h for h, p in scored.items() if p.parent.parent != heads_dir)
+    ensembles = sorted(h for h, p in found.items() if p.parent.parent != heads_dir)
     write_json_atomic(out / "metrics.json", {"main_head": main_head, "heads": metrics,
                                              "ensembles": ensembles})
     write_json_atomic(out / "confusion.json", confusion_rows(confusion[1], confusion[2]))
     plot_confusion(confusion[0], out / "confusion.png",
                    f"{main_head}: out-of-fold confusion ({len(confusion[1])} clips)")
     return metrics
+
+
+def _kind(folder: Path) -> str:
+    """A head's registered type (head.json), or `ensemble:<method>` (ensemble.json)."""
+    if (folder / "ensemble.json").is_file():
+        return f"ensemble:{read_json(folder / 'ensemble.json').get('method', '?')}"
+    try:
+        return str(read_meta(folder)["type"])
+    except Exception:  # noqa: BLE001 - an old or foreign folder still gets scored
+        return "?"
 
 
 def read_metrics(path: str | os.PathLike) -> dict:
@@ -185,9 +178,8 @@ def log_training(head_dir: str | os.PathLike, live_dir: str | os.PathLike) -> Pa
     head_dir = Path(head_dir)
     history = read_json(head_dir / HISTORY).get("train_loss", []) \
         if (head_dir / HISTORY).is_file() else []
-    rows = [r for r in read_predictions(head_dir / PREDICTIONS) if r["split"] == "labelled"]
-    y = np.array([CLASSES.index(r["label"]) for r in rows])
-    m = compute_metrics(y, np.array([[float(r[c]) for c in CLASSES] for r in rows]))
+    y, probs = labelled_probs(head_dir / PREDICTIONS)
+    m = compute_metrics(y, probs)
     with _live(live_dir) as live:
         for epoch in range(min((len(h) for h in history), default=0)):
             live.log_metric("train_loss", float(np.mean([h[epoch] for h in history])))
@@ -196,7 +188,7 @@ def log_training(head_dir: str | os.PathLike, live_dir: str | os.PathLike) -> Pa
             live.next_step()
         for key in ("weighted_f1", "accuracy", "macro_f1"):
             live.summary[key] = m[key]
-        live.summary["clips"] = len(rows)
+        live.summary["clips"] = len(y)
     return Path(live_dir)
 
 

@@ -1,4 +1,4 @@
-"""Frame-level heads (`agt`, `joint_at`): frame loading, seeded k-fold training, bundles, stage.
+"""The trainer of frame-level heads (`agt`, `early_fusion`): frame inputs, seeded k-fold, bundles.
 
 Inputs are the frame-level states the embedding stores keep for `layers_frames` (audio frames,
 vision per-frame CLS states, text token states), one layer per encoder (`frames_layer`).
@@ -7,21 +7,20 @@ Cost control, so that MER2024-size k-fold (5,030 clips) trains in about a minute
 - `max_frames`: a clip longer than that is mean-pooled into `max_frames` equal contiguous
   segments when it is loaded (HuBERT's ~210 frames of a 4 s clip -> 8 segments of ~0.5 s);
   shorter clips keep their frames, padded and masked. An empty sequence becomes one zero frame.
-- `input_dim`: frames are standardised with the statistics of the fold's train part, then
-  multiplied by one fixed random Gaussian matrix [D, input_dim] (seeded by `train.seed`; kept
-  in the bundle). That shrinks a 5,120-wide LLM state before any learnt layer; the learnt
-  projection works on the result. 0, or an encoder narrower than it, skips the projection.
+- frames are standardised with the statistics of the fold's train part. A head type whose
+  config has `input_dim` > 0 (`early_fusion`) then multiplies them by one fixed random Gaussian
+  matrix [D, input_dim] (seeded by `train.seed`; kept in the bundle) before its learnt layers;
+  heads without it (`agt`) learn their input projections from the full width.
 - all folds train side by side as the members of one model (models.blocks), as in
-  models.train; the reduced inputs are computed once per fold before training.
-Results are a models.train.CVResult (out-of-fold probabilities, test = mean of fold models,
-per-fold train losses), bit-identical on CPU for the same seed.
+  models.train; the standardised inputs are computed once per fold before training.
+Results are a models.cv.CVResult (out-of-fold probabilities, test = mean of fold models,
+per-fold train losses), bit-identical on CPU for the same seed. Implements the trainer functions
+of models.registry: `cross_validate`, `bundle_state`, `predictor`.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -29,19 +28,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from features.config import as_dict
-from features.errors import ConfigError, ModelLoadError
-from features.manifest import read_manifest
-from features.reports import FailureReport, write_json_atomic
-from features.store import StoreReader
-from models.agt import AGTHead
-from models.config import CLASSES, FRAME_HEAD_TYPES, HeadConfig, TrainConfig
-from models.joint import JointAudioTextHead
-from models.train import (EPS_STD, CVResult, EpochCallback, FoldState, _as_labels, _epoch_order,
-                          _own_rng, _run_settings, class_weights, fold_splits, given_splits)
+from features.dataset import FeatureSet
+from features.errors import ConfigError
+from models import registry
+from models.config import CLASSES
+from models.cv import (EPS_STD, CVResult, EpochCallback, ExtraRows, FoldState, as_labels,
+                       epoch_order, fold_class_weights, fold_ids, held_out_index, own_rng,
+                       run_settings, splits_for, training_parts)
 
-SEQUENCE_HEADS: dict[str, type[nn.Module]] = {"agt": AGTHead, "joint_at": JointAudioTextHead}
-BUNDLE_FORMAT = "mer-frame-bundle/1"
 CHUNK = 256  # clips per inference / reduction chunk: bounds memory, not results
 
 
@@ -102,31 +96,18 @@ def pad_frames(clips: list[np.ndarray], max_frames: int, dim: int | None = None)
     return Frames(x, lengths)
 
 
-def frame_layer_index(reader: StoreReader, layer: int, name: str) -> int:
-    """Position of `layer` among the layers a store keeps frame-level states for."""
-    stored = list(reader.meta.get("layers_frames") or [])
-    n_layers = reader.pooled_shape[0] if reader.has_pooled else None
-    norm = (lambda v: v % n_layers) if n_layers else (lambda v: v)
-    if not stored or norm(layer) not in [norm(v) for v in stored]:
-        raise ConfigError(
-            f"frames_layer {layer} is not kept at frame level in store {name!r} (it keeps "
-            f"layers_frames {stored}); set the head's frames_layer to one of those, or add it to "
-            f"embed.encoders.{name}.layers_frames and rerun embed."
-        )
-    return [norm(v) for v in stored].index(norm(layer))
+def concat_frames(parts: list[Frames]) -> Frames:
+    """Frames of several clip sets, one after another (padded to the longest)."""
+    t = max(p.x.shape[1] for p in parts)
+    x = np.concatenate([np.pad(p.x, ((0, 0), (0, t - p.x.shape[1]), (0, 0))) for p in parts])
+    return Frames(x, np.concatenate([p.lengths for p in parts]))
 
 
-def load_frames(features_dir: str | os.PathLike, names: list[str], ids: list[str], layer: int,
+def load_frames(features: FeatureSet, names: list[str], ids: list[str], layer: int,
                 max_frames: int) -> dict[str, Frames]:
     """Frames of `layer` for `ids` from each encoder's store, segment-pooled and padded."""
-    out = {}
-    for name in names:
-        with StoreReader(Path(features_dir) / name, kind="embedding") as store:
-            k = frame_layer_index(store, layer, name)
-            clips = [store.get(cid)[k] for cid in ids]
-            dim = store.pooled_shape[2] if store.has_pooled else None
-            out[name] = pad_frames(clips, max_frames, dim)
-    return out
+    return {name: pad_frames(features.frames(name, ids, layer), max_frames, features.dim(name))
+            for name in names}
 
 
 # --------------------------------------------------------------------------- reduction
@@ -198,56 +179,59 @@ def fit_reduction(frames: Mapping[str, Frames], parts: list[np.ndarray], input_d
 # --------------------------------------------------------------------------- training
 
 
-@dataclass
-class FrameCVResult(CVResult):
-    projection: dict[str, Tensor | None] = field(default_factory=dict)
+def build_model(cfg: Any, input_dims: Mapping[str, int], n_classes: int = len(CLASSES),
+                members: int = 1) -> nn.Module:
+    """The registered frame-level model of `cfg.type` for the (reduced) input sizes."""
+    head = registry.get(cfg.type)
+    if head.inputs != "frames" or head.build is None:
+        raise ConfigError(f"head type {cfg.type!r} is not a frame-level neural head.")
+    return head.build(cfg, {n: int(input_dims[n]) for n in cfg.features}, n_classes, members)
 
 
-def build_sequence_head(cfg: HeadConfig, input_dims: Mapping[str, int],
-                        n_classes: int = len(CLASSES), members: int = 1) -> nn.Module:
-    if cfg.type not in SEQUENCE_HEADS:
-        raise ConfigError(f"head type {cfg.type!r} is not a frame-level head; those are "
-                          f"{sorted(SEQUENCE_HEADS)}.")
-    dims = {n: int(input_dims[n]) for n in cfg.features}
-    return SEQUENCE_HEADS[cfg.type](dims, cfg.hidden, cfg.dropout, n_classes, members,
-                                    attn_heads=cfg.attn_heads, depth=cfg.depth,
-                                    max_frames=cfg.max_frames)
-
-
-def cross_validate_frames(frames: Mapping[str, Frames], labels: np.ndarray, cfg: HeadConfig,
-                          train_cfg: TrainConfig, test_frames: Mapping[str, Frames] | None = None,
-                          on_epoch: EpochCallback | None = None,
-                          folds: np.ndarray | None = None) -> FrameCVResult:
+def cross_validate(inputs: Mapping[str, Frames], labels: np.ndarray, cfg: Any, train_cfg: Any,
+                   folds: np.ndarray | None = None, test: Mapping[str, Frames] | None = None,
+                   extra: ExtraRows | None = None,
+                   on_epoch: EpochCallback | None = None) -> CVResult:
     """Seeded k-fold training of one frame-level head, all folds as members of one model.
 
     `folds` gives each clip's fold (the manifest's); without it seeded stratified folds are
-    drawn. Bit-identical on reruns (CPU). Test probabilities are the mean over fold models.
+    drawn. `extra` rows join the training parts, never held out. Bit-identical on reruns (CPU).
+    Test probabilities are the mean over fold models.
     """
-    x = _checked(frames, cfg, "frames")
-    y = _as_labels(labels, len(next(iter(x.values()))))
-    x_test = _checked(test_frames, cfg, "test_frames", {n: f.dim for n, f in x.items()}) \
-        if test_frames else None
+    x = _checked(inputs, cfg, "frames")
+    n = len(next(iter(x.values())))
+    y = as_labels(labels, n)
+    splits = splits_for(y, folds, train_cfg.folds, train_cfg.seed)
+    parts = training_parts(splits, fold_ids(splits, folds), n, extra)
+    dims = {k: f.dim for k, f in x.items()}
+    if extra is not None:
+        ex = _checked(extra.inputs, cfg, "extra frames", dims)
+        x = {k: concat_frames([f, ex[k]]) for k, f in x.items()}
+        y = np.concatenate([y, as_labels(extra.labels, len(next(iter(ex.values()))))])
+    x_test = _checked(test, cfg, "test frames", dims) if test else None
     device = torch.device(train_cfg.device)
-    splits = (given_splits(folds, len(y)) if folds is not None
-              else fold_splits(y, train_cfg.folds, train_cfg.seed))
-    parts = [train for train, _ in splits]
-    reduction = fit_reduction(x, parts, cfg.input_dim, train_cfg.seed)
-    with _run_settings(train_cfg.threads, device), _own_rng(device):
+    reduction = fit_reduction(x, parts, getattr(cfg, "input_dim", 0), train_cfg.seed)
+    with run_settings(train_cfg.threads, device), own_rng(device):
         torch.manual_seed(train_cfg.seed)
-        model = build_sequence_head(cfg, reduction.dims(), members=len(parts)).to(device)
+        model = build_model(cfg, reduction.dims(), members=len(parts)).to(device)
         reduced = _reduce_all(reduction, x, device)
         history = _fit(model, reduced, y, parts, cfg, device, train_cfg.seed, on_epoch)
-        fold_of = np.empty(len(y), dtype=np.int64)
-        for fold, (_, held) in enumerate(splits):
-            fold_of[held] = fold
-        oof = _probs(model, [reduced])[fold_of, np.arange(len(y))]
-        test = (_probs(model, _reduced_chunks(reduction, x_test, device)).mean(axis=0)
-                if x_test else None)
-    states = _unstack(model, reduction)
-    return FrameCVResult(oof, fold_of, test, history, states, reduction.projection)
+        fold_of = held_out_index(splits, n)
+        labelled = ({k: v[:, :n] for k, v in reduced[0].items()},
+                    {k: v[:, :n] for k, v in reduced[1].items()})
+        oof = _probs(model, [labelled])[fold_of, np.arange(n)]
+        test_probs = (_probs(model, _reduced_chunks(reduction, x_test, device)).mean(axis=0)
+                      if x_test else None)
+    return FrameCVResult(oof, fold_of, test_probs, history, _unstack(model, reduction),
+                         reduction.projection)
 
 
-def _checked(frames: Mapping[str, Frames] | None, cfg: HeadConfig, what: str,
+@dataclass
+class FrameCVResult(CVResult):
+    projection: dict[str, Tensor | None] = field(default_factory=dict)  # fixed, or None
+
+
+def _checked(frames: Mapping[str, Frames] | None, cfg: Any, what: str,
              dims: Mapping[str, int] | None = None) -> dict[str, Frames]:
     missing = [n for n in cfg.features if n not in (frames or {})]
     if missing:
@@ -280,7 +264,7 @@ def _reduce_all(reduction: Reduction, frames: Mapping[str, Frames],
 
 
 def _fit(model: nn.Module, reduced: Reduced, y: np.ndarray, parts: list[np.ndarray],
-         cfg: HeadConfig, device: torch.device, seed: int,
+         cfg: Any, device: torch.device, seed: int,
          on_epoch: EpochCallback | None) -> list[list[float]]:
     """Fixed-epoch minibatch Adam; member k draws its batches from fold k's train part."""
     xs, masks = reduced
@@ -288,8 +272,7 @@ def _fit(model: nn.Module, reduced: Reduced, y: np.ndarray, parts: list[np.ndarr
     flat_x = {n: v.reshape(k * n_rows, *v.shape[2:]) for n, v in xs.items()}  # member-major
     mask1 = {n: m[0] for n, m in masks.items()}  # masks do not depend on the fold
     ys = torch.from_numpy(y).to(device)
-    weight = torch.stack([class_weights(y[tr]) if cfg.class_weight else torch.ones(len(CLASSES))
-                          for tr in parts]).to(device)
+    weight = fold_class_weights(y, parts, cfg.class_weight).to(device)
     offset = (torch.arange(k, device=device) * n_rows).unsqueeze(1)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                            fused=True)
@@ -300,7 +283,7 @@ def _fit(model: nn.Module, reduced: Reduced, y: np.ndarray, parts: list[np.ndarr
     bar = tqdm(range(cfg.epochs), desc=f"cv {cfg.type}[{'+'.join(cfg.features)}] {k} folds",
                unit="epoch")
     for epoch in bar:
-        idx = _epoch_order(parts, n, order).to(device)
+        idx = epoch_order(parts, n, order).to(device)
         total = torch.zeros(k, device=device)
         for start in range(0, n, cfg.batch_size):
             batch = idx[:, start:start + cfg.batch_size]  # [K, B]
@@ -353,29 +336,17 @@ def _unstack(model: nn.Module, reduction: Reduction) -> list[FoldState]:
 # --------------------------------------------------------------------------- bundles
 
 
-def save_frame_bundle(path: str | os.PathLike, result: FrameCVResult, cfg: HeadConfig,
-                      feature_dims: Mapping[str, int]) -> Path:
-    """Every fold model with its standardisation, and the projections (weights_only-loadable)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    bundle = {
-        "format": BUNDLE_FORMAT,
-        "config": as_dict(cfg),
-        "feature_dims": {n: int(feature_dims[n]) for n in cfg.features},
-        "classes": list(CLASSES),
-        "projection": {n: p for n, p in result.projection.items() if p is not None},
-        "folds": [{"state_dict": s.state_dict, "scaler": s.scaler} for s in result.fold_states],
-    }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(bundle, tmp)
-    os.replace(tmp, path)
-    return path
+def bundle_state(result: CVResult, cfg: Any) -> dict:
+    """Every fold model with its standardisation, and the fixed projections (if any)."""
+    return {"projection": {n: p for n, p in result.projection.items() if p is not None},
+            "folds": [{"state_dict": s.state_dict, "scaler": s.scaler}
+                      for s in result.fold_states]}
 
 
 class FramePredictor:
-    """The fold models of a frame-level bundle; `predict_proba` averages their probabilities."""
+    """The fold models of a frame-level head; `predict_proba` averages their probabilities."""
 
-    def __init__(self, cfg: HeadConfig, feature_dims: Mapping[str, int],
+    def __init__(self, cfg: Any, feature_dims: Mapping[str, int],
                  projection: Mapping[str, Tensor], folds: list[FoldState], device: str = "cpu"):
         self.cfg, self.device = cfg, torch.device(device)
         self.feature_dims = {n: int(feature_dims[n]) for n in cfg.features}
@@ -384,8 +355,8 @@ class FramePredictor:
             {n: torch.stack([f.scaler[n]["mean"] for f in folds]) for n in cfg.features},
             {n: torch.stack([f.scaler[n]["std"] for f in folds]) for n in cfg.features})
         state = {n: torch.cat([f.state_dict[n] for f in folds]) for n in folds[0].state_dict}
-        with _own_rng(torch.device("cpu")):
-            self.model = build_sequence_head(cfg, self.reduction.dims(), members=len(folds))
+        with own_rng(torch.device("cpu")):
+            self.model = build_model(cfg, self.reduction.dims(), members=len(folds))
         self.model.load_state_dict(state)
         self.model.to(self.device).eval()
 
@@ -395,69 +366,7 @@ class FramePredictor:
         return _probs(self.model, _reduced_chunks(self.reduction, x, self.device)).mean(axis=0)
 
 
-def load_frame_bundle(path: str | os.PathLike, device: str = "cpu") -> FramePredictor:
-    path = Path(path)
-    if not path.is_file():
-        raise ModelLoadError(f"model bundle {path} does not exist; run the train stage first.")
-    try:
-        bundle = torch.load(path, map_location="cpu", weights_only=True)
-        if bundle.get("format") != BUNDLE_FORMAT:
-            raise ModelLoadError(f"{path} has format {bundle.get('format')!r}, expected "
-                                 f"{BUNDLE_FORMAT!r}; pooled-feature bundles load with "
-                                 f"models.train.load_bundle.")
-        if list(bundle["classes"]) != list(CLASSES):
-            raise ModelLoadError(f"{path} was trained for classes {bundle['classes']}, this "
-                                 f"code uses {list(CLASSES)}; retrain.")
-        cfg = HeadConfig(**bundle["config"])
-        folds = [FoldState(f["state_dict"], f["scaler"]) for f in bundle["folds"]]
-        return FramePredictor(cfg, bundle["feature_dims"], bundle["projection"], folds, device)
-    except ModelLoadError:
-        raise
-    except Exception as err:
-        raise ModelLoadError(f"model bundle {path} did not load: {err}. Retrain it.") from err
-
-
-# --------------------------------------------------------------------------- stage
-
-
-def train_frame_head(name: str, cfg: HeadConfig, train_cfg: TrainConfig,
-                     manifest: str | os.PathLike, features_dir: str | os.PathLike,
-                     out_dir: str | os.PathLike, on_epoch: EpochCallback | None = None) -> Path:
-    """`train@<name>` for a frame-level head: the same outputs as models.run.train_head."""
-    from models.run import BUNDLE, HISTORY, PREDICTIONS, _write_predictions
-
-    if cfg.type not in FRAME_HEAD_TYPES:
-        raise ConfigError(f"{name}: type {cfg.type!r} is not a frame-level head.")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    clips = read_manifest(manifest)
-    stores = [StoreReader(Path(features_dir) / n, kind="embedding") for n in cfg.features]
-    try:
-        have = [c for c in clips if all(c.clip_id in s for s in stores)]
-    finally:
-        for s in stores:
-            s.close()
-    failures = FailureReport(f"train@{name}")
-    kept = {c.clip_id for c in have}
-    for c in clips:
-        if c.clip_id not in kept:
-            failures.add(c.clip_id, "missing_features", f"not in every store of {cfg.features}; "
-                         f"see the upstream stages' failures.json.")
-    labelled = [c for c in have if c.label]
-    unlabelled = [c for c in have if not c.label]
-    frames = load_frames(features_dir, cfg.features, [c.clip_id for c in labelled + unlabelled],
-                         cfg.frames_layer, cfg.max_frames)
-    n_lab = len(labelled)
-    lab = {n: f.take(np.arange(n_lab)) for n, f in frames.items()}
-    test = ({n: f.take(np.arange(n_lab, len(f))) for n, f in frames.items()}
-            if unlabelled else None)
-    y = np.array([CLASSES.index(c.label) for c in labelled])
-    folds = np.array([c.fold for c in labelled])  # the manifest's split, shared by every head
-    result = cross_validate_frames(lab, y, cfg, train_cfg, test_frames=test, on_epoch=on_epoch,
-                                   folds=folds)
-    save_frame_bundle(out / BUNDLE, result, cfg, {n: f.dim for n, f in frames.items()})
-    _write_predictions(out / PREDICTIONS, labelled, result.oof_probs, result.fold_of,
-                       unlabelled, result.test_probs)
-    write_json_atomic(out / HISTORY, {"train_loss": result.history})
-    failures.write(out / "failures.json")
-    return out
+def predictor(cfg: Any, feature_dims: Mapping[str, int], state: dict,
+              device: str = "cpu") -> FramePredictor:
+    folds = [FoldState(f["state_dict"], f["scaler"]) for f in state["folds"]]
+    return FramePredictor(cfg, feature_dims, state["projection"], folds, device)

@@ -1,13 +1,27 @@
 """Paper 000's attention fusion (Zhao et al., MER2024) as we read it: modalities as tokens."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 from torch import Tensor, nn
 
 from models.blocks import Dropout, EncoderLayer, LayerNorm, Linear, linear_nd
-from models.config import HeadConfig
+from models.config import PooledConfig, check_heads, check_positive
+from models.registry import HeadType, register
+
+
+@dataclass
+class TokenAttentionConfig(PooledConfig):
+    """`type: token_attention`: + the number of attention heads."""
+
+    attn_heads: int = 4  # hidden must be a multiple of it
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive(attn_heads=self.attn_heads)
+        check_heads(self.hidden, self.attn_heads, self.type)
 
 
 class TokenAttentionHead(nn.Module):
@@ -36,10 +50,6 @@ class TokenAttentionHead(nn.Module):
         self.drop_out = Dropout(dropout)
         self.fc_out = Linear(hidden, n_classes, members)
 
-    @staticmethod
-    def config_kwargs(cfg: HeadConfig) -> dict[str, Any]:
-        return {"attn_heads": cfg.attn_heads}
-
     def fuse(self, feats: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Fused hidden [K, B, H] and modality weights [K, B, M] (inputs [B, D] get K = 1)."""
         xs = [feats[n] if feats[n].dim() == 3 else feats[n].unsqueeze(0) for n in self.names]
@@ -61,3 +71,10 @@ class TokenAttentionHead(nn.Module):
     def _unstacked(self, feats: Mapping[str, Tensor]) -> bool:
         """[B, D] inputs to a one-member head give [B, C], as with Linear."""
         return self.fc_out.weight.shape[0] == 1 and feats[self.names[0]].dim() == 2
+
+
+register(HeadType(
+    "token_attention", TokenAttentionConfig, "pooled", "models.train",
+    build=lambda cfg, dims, n_classes, members: TokenAttentionHead(
+        dims, cfg.hidden, cfg.dropout, n_classes, members, attn_heads=cfg.attn_heads),
+    summary="paper 000's attention fusion as we read it: modalities as attending tokens"))

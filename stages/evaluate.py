@@ -3,7 +3,8 @@ ensemble, and a confusion plot of the main one."""
 import json
 
 from features.config import from_section
-from models.run import EvaluateConfig, evaluate
+from models.config import EvaluateConfig
+from models.run import evaluate
 from stages.common import load_params, parser, run, setup
 
 

@@ -8,14 +8,14 @@ from stages.cli import main
 
 
 def test_metrics_table_sorted_by_weighted_f1(tmp_path, capsys):
-    head = {"accuracy": 0.5, "macro_f1": 0.4, "per_class_f1": {}, "clips": 72}
+    head = {"accuracy": 0.5, "macro_f1": 0.4, "per_class_f1": {}, "clips": 72, "type": "probe"}
     path = tmp_path / "metrics.json"
     path.write_text(json.dumps({"main_head": "attention", "heads": {
         "probe_a": {**head, "weighted_f1": 0.2}, "attention": {**head, "weighted_f1": 0.6}}}))
     assert main(["metrics", str(path)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].startswith("attention") and lines[1].endswith("<- main")
-    assert lines[2].split()[:3] == ["probe_a", "72", "0.200"]
+    assert lines[2].split()[:4] == ["probe_a", "probe", "72", "0.200"]
 
 
 def test_missing_metrics_is_a_clear_error(tmp_path, capsys):

@@ -1,9 +1,9 @@
-"""FeatureSet: (encoder, layer, ids) -> numpy or torch, across shards, without the layout."""
+"""FeatureSet: (encoder, layer, ids) -> numpy, across shards, without the layout."""
 import numpy as np
 import pytest
-import torch
 
 from features.dataset import FeatureSet
+from features.errors import ConfigError
 from features.store import StoreError, write_store
 
 
@@ -13,20 +13,25 @@ def _items(n, layers=3, dim=4, seed=0):
              rng.normal(size=(layers, dim)).astype(np.float16)) for i in range(n)]
 
 
-def test_pooled_and_frames_by_ids(tmp_path):
+def test_pooled_frames_and_common_ids(tmp_path):
     items = _items(6)
-    write_store(tmp_path / "hubert", "embedding", {}, items, shard_mb=1e-4)  # several shards
+    write_store(tmp_path / "hubert", "embedding", {"layers_frames": [-1]}, items, shard_mb=1e-4)
+    write_store(tmp_path / "clip", "embedding", {}, _items(2))
     with FeatureSet(tmp_path) as feats:
-        assert feats.encoders == ["hubert"] and len(list((tmp_path / "hubert").glob("shard-*"))) > 1
+        assert feats.encoders == ["clip", "hubert"]
+        assert len(list((tmp_path / "hubert").glob("shard-*"))) > 1  # several shards
         x = feats.pooled("hubert", layer=-1, ids=["c4", "c1"])
-        np.testing.assert_array_equal(x, np.stack([items[4][3][-1], items[1][3][-1]]).astype(np.float32))
-        t = feats.pooled("hubert", ids=["c0"], as_tensor=True)
-        assert isinstance(t, torch.Tensor) and t.shape == (1, 3, 4) and t.dtype == torch.float32
-        frames, mask = feats.frames("hubert", ["c0", "c3"], as_tensor=True)
-        assert frames.shape == (2, 1, 5, 4) and mask.sum(1).tolist() == [2, 5]
-        np.testing.assert_array_equal(frames[1, :, :5].numpy(), items[3][1].astype(np.float32))
-        assert frames[0, :, 2:].abs().sum() == 0
-        with pytest.raises(StoreError, match="embed@clip"):
-            feats.pooled("clip")
+        np.testing.assert_array_equal(x, np.stack([items[4][3][-1], items[1][3][-1]])
+                                      .astype(np.float32))
+        assert x.dtype == np.float32 and feats.pooled("hubert", ids=["c0"]).shape == (1, 3, 4)
+        assert feats.n_layers("hubert") == 3 and feats.dim("hubert") == 4
+        assert feats.common_ids(["hubert", "clip"], ["c5", "c1", "c0", "zz"]) == ["c1", "c0"]
+        frames = feats.frames("hubert", ["c0", "c3"], layer=2)  # layers_frames [-1] = layer 2
+        assert [f.shape for f in frames] == [(2, 4), (5, 4)]
+        np.testing.assert_array_equal(frames[1], items[3][1][0])
+        with pytest.raises(ConfigError, match="layers_frames"):
+            feats.frames("hubert", ["c0"], layer=0)
+        with pytest.raises(StoreError, match="embed@audio"):
+            feats.pooled("audio")
         with pytest.raises(StoreError, match="not in store"):
             feats.pooled("hubert", ids=["nope"])

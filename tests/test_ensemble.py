@@ -13,9 +13,11 @@ import yaml
 
 from features.errors import ConfigError
 from models.config import CLASSES
-from models.ensemble import EnsembleConfig, run_ensemble, stack, tune_weights, weighted_vote
+from models.bundles import PREDICTIONS, write_predictions
+from models.ensemble import (EnsembleConfig, hard_vote, run_ensemble, stack, tune_weights,
+                             weighted_vote)
 from models.metrics import compute_metrics
-from models.run import PREDICTIONS, _write_predictions, evaluate, log_training
+from models.run import evaluate, log_training
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +46,7 @@ def write_head(folder, name, y, folds, oof, test):
     clips = [SimpleNamespace(clip_id=f"c{i:03d}", label=CLASSES[t]) for i, t in enumerate(y)]
     others = [SimpleNamespace(clip_id=f"u{i:02d}", label="") for i in range(len(test))]
     (folder / name).mkdir(parents=True, exist_ok=True)
-    _write_predictions(folder / name / PREDICTIONS, clips, oof, folds, others, test)
+    write_predictions(folder / name / PREDICTIONS, clips, oof, folds, others, test)
     (folder / name / "history.json").write_text(json.dumps({"train_loss": [[1.0, 0.5]] * 5}))
 
 
@@ -60,6 +62,25 @@ def test_weights_sum_to_one_and_favour_the_good_head():
     assert res.info["nested_weighted_f1"] <= res.info["oof_tuned_weighted_f1"] + 1e-9
 
 
+def test_hard_vote_majority_and_documented_tie_break():
+    def onehot(*classes, mass=0.6):  # one head: most probability on each row's class
+        p = np.full((len(classes), len(CLASSES)), (1 - mass) / (len(CLASSES) - 1))
+        p[np.arange(len(classes)), classes] = mass
+        return p
+
+    # rows: 2-1 majority; 1-1-1 tie broken by the mean probability; exact tie -> earlier class
+    a, b, c = onehot(1, 2, 3, mass=0.9), onehot(1, 3, 4), onehot(2, 4, 3)
+    c[1] = np.full(len(CLASSES), 1 / 6)  # row 1: head c votes class 0 (argmax of a flat row)
+    votes = hard_vote(np.stack([a, b, c]))
+    assert votes.argmax(1).tolist() == [1, 2, 3]
+    np.testing.assert_allclose(votes.sum(1), 1.0)
+    # row 1: classes 2 (a, 0.9), 3 (b, 0.6) and 0 (c) have a vote each: 2 has the highest mean
+    exact = hard_vote(np.stack([onehot(4), onehot(2)]))  # 1-1, equal mean probability
+    assert exact.argmax(1).tolist() == [2]  # the earlier class in CLASSES order
+    soft_would = np.stack([onehot(5, mass=0.99), onehot(1, mass=0.4), onehot(1, mass=0.4)])
+    assert hard_vote(soft_would).argmax(1).tolist() == [1]  # votes win over confidence
+
+
 def test_stacking_is_honest_on_noise_and_learns_on_signal():
     y, folds = labels(n=360)
     noise = noisy_heads(y, [0.0, 0.0, 0.0, 0.0], seed=1)
@@ -72,7 +93,7 @@ def test_stacking_is_honest_on_noise_and_learns_on_signal():
     assert res.test.shape == (5, 6) and np.allclose(res.test.sum(1), 1)
 
 
-@pytest.mark.parametrize("method", ["soft", "weighted", "stacking"])
+@pytest.mark.parametrize("method", ["hard", "soft", "weighted", "stacking"])
 def test_stage_outputs_are_deterministic_and_evaluated(tmp_path, method):
     y, folds = labels(n=120)
     oof, test = noisy_heads(y, [2.0, 1.0]), noisy_heads(np.zeros(4, int), [0.0, 0.0])
@@ -87,6 +108,7 @@ def test_stage_outputs_are_deterministic_and_evaluated(tmp_path, method):
     assert len(first.splitlines()) == 1 + 120 + 4
     metrics = evaluate(tmp_path / "heads", "ens", tmp_path / "results", tmp_path / "ens")
     assert set(metrics) == {"a", "b", "ens"} and metrics["ens"]["weighted_f1"] == info["weighted_f1"]
+    assert metrics["ens"]["type"] == f"ensemble:{method}" and metrics["a"]["type"] == "?"
     saved = json.loads((tmp_path / "results" / "metrics.json").read_text())
     assert saved["ensembles"] == ["ens"] and saved["main_head"] == "ens"
 

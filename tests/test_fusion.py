@@ -3,16 +3,26 @@ import numpy as np
 import pytest
 import torch
 
+from models.bundles import load_bundle, save_bundle
 from features.errors import ConfigError
 from models.blocks import LayerNorm, MultiHeadAttention, masked_mean
-from models.config import CLASSES, HeadConfig, TrainConfig
-from models.heads import ConcatHead, TokenAttentionHead, build_head
+from models.concat import ConcatHead
+from models.config import CLASSES, TrainConfig
 from models.metrics import compute_metrics
-from models.train import cross_validate, load_bundle, save_bundle
+from models.registry import head_config
+from models.token_attention import TokenAttentionHead
+from models.train import build_model as build_head
+from models.train import bundle_state, cross_validate, predictor
 
 DIMS = {"hubert": 16, "clip": 8, "minilm": 8}
 FAST = dict(hidden=16, attn_heads=2, epochs=15, batch_size=32, dropout=0.1, lr=3e-3)
 FUSION = ["concat", "token_attention"]
+
+
+def head_cfg(**kw):
+    if kw["type"] != "token_attention" and kw.get("attn_heads") == FAST["attn_heads"]:
+        del kw["attn_heads"]  # FAST's setting, for the one type that has it
+    return head_config(kw)
 
 
 def synthetic(n=240, seed=0, informative="clip"):
@@ -26,14 +36,14 @@ def synthetic(n=240, seed=0, informative="clip"):
 
 
 def test_types_build_their_classes():
-    assert isinstance(build_head(HeadConfig(type="concat", features=list(DIMS)), DIMS), ConcatHead)
-    head = build_head(HeadConfig(type="token_attention", features=list(DIMS), hidden=8,
+    assert isinstance(build_head(head_cfg(type="concat", features=list(DIMS)), DIMS), ConcatHead)
+    head = build_head(head_cfg(type="token_attention", features=list(DIMS), hidden=8,
                                  attn_heads=2), DIMS)
     assert isinstance(head, TokenAttentionHead) and head.layer.attn.heads == 2
 
 
 def test_token_attention_weights_and_unstacked_shapes():
-    cfg = HeadConfig(type="token_attention", features=list(DIMS), hidden=8, attn_heads=2)
+    cfg = head_cfg(type="token_attention", features=list(DIMS), hidden=8, attn_heads=2)
     model = build_head(cfg, DIMS).eval()
     x = {k: torch.randn(5, d) for k, d in DIMS.items()}
     w = model.modality_weights(x)
@@ -47,7 +57,7 @@ def test_token_attention_weights_and_unstacked_shapes():
 @pytest.mark.parametrize("head", FUSION)
 def test_separable_problem_is_learnt_and_shuffled_labels_are_not(head):
     feats, y = synthetic()
-    cfg = HeadConfig(type=head, features=list(DIMS), **FAST)
+    cfg = head_cfg(type=head, features=list(DIMS), **FAST)
     res = cross_validate(feats, y, cfg, TrainConfig(folds=4, seed=0, threads=1))
     assert compute_metrics(y, res.oof_probs)["weighted_f1"] > 0.9
     shuffled = np.random.default_rng(5).permutation(y)
@@ -59,23 +69,27 @@ def test_separable_problem_is_learnt_and_shuffled_labels_are_not(head):
 def test_reruns_are_bit_identical_and_bundle_round_trips(tmp_path, head):
     feats, y = synthetic(n=120)
     test = {k: v[:20] for k, v in feats.items()}
-    cfg = HeadConfig(type=head, features=list(DIMS), **{**FAST, "epochs": 3})
+    cfg = head_cfg(type=head, features=list(DIMS), **{**FAST, "epochs": 3})
     tc = TrainConfig(folds=3, seed=0, threads=1)
-    a = cross_validate(feats, y, cfg, tc, test_features=test)
-    b = cross_validate(feats, y, cfg, tc, test_features=test)
+    a = cross_validate(feats, y, cfg, tc, test=test)
+    b = cross_validate(feats, y, cfg, tc, test=test)
     np.testing.assert_array_equal(a.oof_probs, b.oof_probs)
     assert a.history == b.history
-    path = save_bundle(tmp_path / "m.pt", a, cfg, {k: v.shape[1] for k, v in feats.items()})
-    np.testing.assert_allclose(load_bundle(path).predict_proba(test), a.test_probs, rtol=1e-5,
-                               atol=1e-6)
+    dims = {k: v.shape[1] for k, v in feats.items()}
+    save_bundle(tmp_path, cfg, dims, bundle_state(a, cfg))
+    np.testing.assert_allclose(load_bundle(tmp_path).state["folds"][0]["scaler"]["clip"]["std"],
+                               a.fold_states[0].scaler["clip"]["std"].numpy())
+    np.testing.assert_allclose(predictor(cfg, dims, bundle_state(a, cfg)).predict_proba(test),
+                               a.test_probs, rtol=1e-5, atol=1e-6)
 
 
 def test_token_attention_needs_hidden_divisible_by_heads():
     with pytest.raises(ConfigError, match="multiple of attn_heads"):
-        HeadConfig(type="token_attention", features=["a", "b"], hidden=10, attn_heads=4)
-    HeadConfig(type="concat", features=["a"], hidden=10, attn_heads=4)  # not an attention head
+        head_cfg(type="token_attention", features=["a", "b"], hidden=10, attn_heads=4)
+    with pytest.raises(ConfigError, match="do not apply to a head of type 'concat'"):
+        head_cfg(type="concat", features=["a"], hidden=10, attn_heads=4)
     with pytest.raises(ConfigError, match="attn_heads"):
-        HeadConfig(type="token_attention", features=["a", "b"], attn_heads=0)
+        head_cfg(type="token_attention", features=["a", "b"], attn_heads=0)
 
 
 def test_blocks_mask_and_member_layernorm():

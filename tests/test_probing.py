@@ -9,7 +9,8 @@ from features.manifest import Clip, write_manifest
 from features.store import write_store
 from models.config import CLASSES
 from models.metrics import compute_metrics, fast_scores
-from models.probing import (ProbeConfig, best_layer, learn_layer_weights, probe_encoder,
+from models.layers import best_layer
+from models.probing import (ProbeConfig, learn_layer_weights, probe_encoder,
                             probe_layers)
 
 FAST = ProbeConfig(epochs=15, batch_size=64, lr=0.02)
@@ -54,7 +55,7 @@ def test_held_out_rows_do_not_leak_into_a_fold():
     """Changing the labels of fold 0 leaves the other folds' held-out scores unchanged."""
     x, y, folds = synthetic(n=120)
     from models.probing import _fold_class_weights, _ridge_oof
-    from models.train import given_splits
+    from models.cv import given_splits
     import torch
     y2 = y.copy()
     y2[folds == 0] = (y2[folds == 0] + 1) % len(CLASSES)
@@ -94,6 +95,8 @@ def test_stage_writes_outputs_and_best_resolves(tmp_path):
     assert [r["layer"] for r in scores] == list(range(5)) and scores[2]["weighted_f1"] > 0.8
     weights = json.loads((out / "weights.json").read_text())
     assert len(weights["layer_weights"]) == 5 and abs(sum(weights["layer_weights"]) - 1) < 1e-3
+    assert weights["folds"] == sorted(set(folds.tolist())) and len(weights["per_fold"]) == \
+        len(weights["folds"])  # fold k's weights, learnt on fold k's training part
     assert (out / "layers.png").read_bytes()[:4] == b"\x89PNG"
     assert best_layer(tmp_path / "probe", "hubert") == 2
     with pytest.raises(ConfigError, match="probe@clip"):

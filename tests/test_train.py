@@ -4,13 +4,20 @@ import pytest
 import torch
 
 from features.errors import ConfigError, ModelLoadError
-from models.config import CLASSES, HeadConfig, TrainConfig
+from models.bundles import HeadPredictor, load_bundle, save_bundle
+from models.config import CLASSES, TrainConfig
+from models.cv import ExtraRows, class_weights, fold_splits
+from models.layers import select_layer
 from models.metrics import compute_metrics
-from models.train import (class_weights, cross_validate, fold_splits, head_inputs, load_bundle,
-                          save_bundle, select_layer)
+from models.registry import head_config
+from models.train import bundle_state, cross_validate
 
 DIMS = {"hubert": 16, "clip": 8, "minilm": 8}
 FAST = dict(hidden=16, epochs=15, batch_size=32, dropout=0.1, lr=3e-3)
+
+
+def head_cfg(**kw):
+    return head_config(kw)
 
 
 def synthetic(n=240, seed=0, informative="hubert"):
@@ -26,7 +33,7 @@ def synthetic(n=240, seed=0, informative="hubert"):
 
 
 def run(feats, y, head="attention", seed=0, folds=4, **kw):
-    cfg = HeadConfig(type=head, features=list(DIMS), **{**FAST, **kw})
+    cfg = head_cfg(type=head, features=list(DIMS), **{**FAST, **kw})
     return cross_validate(feats, y, cfg, TrainConfig(folds=folds, seed=seed, threads=1))
 
 
@@ -35,22 +42,16 @@ def test_select_layer_variants():
     np.testing.assert_array_equal(select_layer(pooled, 0), pooled[:, 0])
     np.testing.assert_array_equal(select_layer(pooled, -1), pooled[:, 4])
     np.testing.assert_allclose(select_layer(pooled, "mean"), pooled.mean(axis=1))
-    np.testing.assert_allclose(select_layer(pooled, "last4"), pooled[:, 1:].mean(axis=1))
+    np.testing.assert_allclose(select_layer(pooled, "mean_last4"), pooled[:, 1:].mean(axis=1))
+    np.testing.assert_allclose(select_layer(pooled, "sum_last4"), pooled[:, 1:].sum(axis=1))
+    np.testing.assert_allclose(select_layer(pooled, [0, -1]), pooled[:, [0, 4]].mean(axis=1))
     np.testing.assert_array_equal(select_layer(pooled[:, 2], -1), pooled[:, 2])  # [N, D] input
     with pytest.raises(ConfigError, match="out of range"):
         select_layer(pooled, 5)
-    with pytest.raises(ConfigError, match="last4"):
-        select_layer(pooled[:, :3], "last4")
-
-
-def test_head_inputs_pick_features_and_layer():
-    pooled = {k: np.random.default_rng(0).normal(size=(3, 6, d)) for k, d in DIMS.items()}
-    cfg = HeadConfig(type="probe", features=["clip", "hubert"], layer=-2)
-    x = head_inputs(pooled, cfg)
-    assert list(x) == ["clip", "hubert"] and x["clip"].shape == (3, 8)
-    np.testing.assert_array_equal(x["hubert"], pooled["hubert"][:, -2])
-    with pytest.raises(ConfigError, match="qwen"):
-        head_inputs(pooled, HeadConfig(type="probe", features=["qwen"]))
+    with pytest.raises(ConfigError, match="mean_last4"):
+        select_layer(pooled[:, :3], "mean_last4")
+    with pytest.raises(ConfigError, match="renamed"):
+        select_layer(pooled, "last4")
 
 
 @pytest.mark.parametrize("head", ["attention", "probe"])
@@ -58,8 +59,8 @@ def test_separable_problem_is_learnt_and_shuffled_labels_are_not(head):
     feats_all, y_all = synthetic(n=300)  # the test part shares the training centroids
     feats, y = {k: v[:240] for k, v in feats_all.items()}, y_all[:240]
     test_feats, y_test = {k: v[240:] for k, v in feats_all.items()}, y_all[240:]
-    cfg = HeadConfig(type=head, features=list(DIMS), **FAST)
-    res = cross_validate(feats, y, cfg, TrainConfig(folds=4, seed=0, threads=1), test_feats)
+    cfg = head_cfg(type=head, features=list(DIMS), **FAST)
+    res = cross_validate(feats, y, cfg, TrainConfig(folds=4, seed=0, threads=1), test=test_feats)
     assert res.oof_probs.shape == (240, len(CLASSES)) and res.test_probs.shape == (60, len(CLASSES))
     np.testing.assert_allclose(res.oof_probs.sum(axis=1), 1.0, rtol=1e-5)
     assert compute_metrics(y, res.oof_probs)["weighted_f1"] > 0.9
@@ -100,7 +101,7 @@ def test_folds_are_stratified_and_scalers_fit_on_train_part():
 def test_given_folds_are_used_as_is_and_checked():
     feats, y = synthetic(n=60)
     folds = np.arange(60) % 3  # e.g. the manifest's fold column
-    cfg = HeadConfig(type="probe", features=list(DIMS), **{**FAST, "epochs": 1})
+    cfg = head_cfg(type="probe", features=list(DIMS), **{**FAST, "epochs": 1})
     res = cross_validate(feats, y, cfg, TrainConfig(folds=7, threads=1), folds=folds)
     assert res.n_folds == 3 and (res.fold_of == folds).all()
     with pytest.raises(ConfigError, match="fold id"):
@@ -121,7 +122,7 @@ def test_too_small_class_falls_back_to_fewer_folds_with_warning():
 def test_history_and_epoch_callback():
     feats, y = synthetic(n=120)
     calls = []
-    cfg = HeadConfig(type="probe", features=["hubert"], **{**FAST, "epochs": 3})
+    cfg = head_cfg(type="probe", features=["hubert"], **{**FAST, "epochs": 3})
     res = cross_validate(feats, y, cfg, TrainConfig(folds=3, threads=1),
                          on_epoch=lambda f, e, loss: calls.append((f, e, loss)))
     assert [(f, e) for f, e, _ in calls] == [(f, e) for e in range(3) for f in range(3)]
@@ -136,25 +137,26 @@ def test_class_weights_are_balanced():
 
 def test_bad_inputs_are_config_errors():
     feats, y = synthetic(n=60)
-    cfg = HeadConfig(type="probe", features=["hubert", "clip"], epochs=1)
+    cfg = head_cfg(type="probe", features=["hubert", "clip"], epochs=1)
     with pytest.raises(ConfigError, match="clip"):
         cross_validate({"hubert": feats["hubert"]}, y, cfg, TrainConfig())
     with pytest.raises(ConfigError, match="class ids"):
         cross_validate(feats, y + 1, cfg, TrainConfig())
     with pytest.raises(ConfigError, match="dims"):
-        cross_validate(feats, y, cfg, TrainConfig(), {"hubert": feats["hubert"],
-                                                      "clip": feats["clip"][:, :3]})
+        cross_validate(feats, y, cfg, TrainConfig(), test={"hubert": feats["hubert"],
+                                                           "clip": feats["clip"][:, :3]})
 
 
 def test_bundle_round_trips_predictions(tmp_path):
     feats, y = synthetic(n=120)
     test = {k: v[:20] + 0.5 for k, v in feats.items()}
-    cfg = HeadConfig(type="attention", features=list(DIMS), **{**FAST, "epochs": 3})
-    res = cross_validate(feats, y, cfg, TrainConfig(folds=3, threads=1), test)
-    path = save_bundle(tmp_path / "models" / "fusion.pt", res, cfg, DIMS)
-    torch.load(path, weights_only=True)  # plain tensors and dicts only
-    predictor = load_bundle(path)
-    assert predictor.cfg == cfg
+    cfg = head_cfg(type="attention", features=list(DIMS), **{**FAST, "epochs": 3})
+    res = cross_validate(feats, y, cfg, TrainConfig(folds=3, threads=1), test=test)
+    path = save_bundle(tmp_path / "fusion", cfg, DIMS, bundle_state(res, cfg))
+    torch.load(path / "model.pt", weights_only=True)  # plain tensors and dicts only
+    bundle = load_bundle(path)
+    assert bundle.cfg == cfg and bundle.head.name == "attention"
+    predictor = HeadPredictor(bundle).model
     np.testing.assert_allclose(predictor.predict_proba(test), res.test_probs, rtol=1e-6, atol=1e-7)
     with pytest.raises(ConfigError, match="dims"):
         predictor.predict_proba({k: v[:, :4] for k, v in test.items()})
@@ -162,10 +164,45 @@ def test_bundle_round_trips_predictions(tmp_path):
 
 def test_load_bundle_errors(tmp_path):
     with pytest.raises(ModelLoadError, match="does not exist"):
-        load_bundle(tmp_path / "missing.pt")
-    (tmp_path / "junk.pt").write_bytes(b"not a bundle")
+        load_bundle(tmp_path / "missing")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "head.json").write_text('{"format": "mer-head/2", "type": "agt", '
+                                                 '"classes": %s}' % list(CLASSES).__repr__()
+                                                 .replace("'", '"'))
+    (tmp_path / "junk" / "model.pt").write_bytes(b"not a bundle")
     with pytest.raises(ModelLoadError, match="did not load"):
-        load_bundle(tmp_path / "junk.pt")
+        load_bundle(tmp_path / "junk")
+    (tmp_path / "junk" / "head.json").write_text('{"format": "mer-head-bundle/1"}')
+    with pytest.raises(ModelLoadError, match="retrain"):
+        load_bundle(tmp_path / "junk")
+
+
+def test_extra_rows_only_train_and_are_never_held_out():
+    """Extra rows whose labels contradict the features: they must move the fold models (they
+    train) without adding held-out rows; rows restricted to one fold train only that fold."""
+    feats, y = synthetic(n=120)
+    extra_x = {k: v[:60] for k, v in feats.items()}
+    wrong = (y[:60] + 3) % len(CLASSES)
+    cfg = head_cfg(type="probe", features=list(DIMS), **{**FAST, "epochs": 8})
+    folds = np.arange(120) % 3
+    tc = TrainConfig(threads=1)
+    base = cross_validate(feats, y, cfg, tc, folds=folds)
+    every = cross_validate(feats, y, cfg, tc, folds=folds, extra=ExtraRows(extra_x, wrong))
+    assert every.oof_probs.shape == base.oof_probs.shape and (every.fold_of == folds).all()
+    f1 = [compute_metrics(y, r.oof_probs)["weighted_f1"] for r in (base, every)]
+    assert f1[1] < f1[0] - 0.1  # the poisoned extra rows trained every fold
+    # rows restricted to fold 1 enter fold 1's training part only: its train-part scaler moves,
+    # folds 0 and 2 keep exactly the statistics of their labelled train parts
+    far = {k: v + 100.0 for k, v in extra_x.items()}
+    only1 = cross_validate(feats, y, cfg, tc, folds=folds,
+                           extra=ExtraRows(far, wrong, np.full(60, 1)))
+    for k in range(3):
+        mean = only1.fold_states[k].scaler["hubert"]["mean"].numpy()
+        same = np.allclose(mean, base.fold_states[k].scaler["hubert"]["mean"].numpy())
+        assert same == (k != 1), k
+    with pytest.raises(ConfigError, match="folds"):
+        cross_validate(feats, y, cfg, tc, folds=folds,
+                       extra=ExtraRows(extra_x, wrong, np.full(60, 7)))
 
 
 def test_run_flushes_subnormals_inside_and_restores_torch_settings():
@@ -173,7 +210,7 @@ def test_run_flushes_subnormals_inside_and_restores_torch_settings():
     threads = torch.get_num_threads()
     subnormal = torch.full((1 << 20,), 1e-39)  # big enough to be split over both threads
     seen = []
-    cfg = HeadConfig(type="probe", features=["hubert"], **{**FAST, "epochs": 1})
+    cfg = head_cfg(type="probe", features=["hubert"], **{**FAST, "epochs": 1})
     cross_validate(feats, y, cfg, TrainConfig(folds=2, threads=2),
                    on_epoch=lambda *_: seen.append(int(subnormal.mul(1.0).count_nonzero())))
     assert seen == [0, 0]  # flushed on every OpenMP thread (subnormals slow CPU math ~100x)
@@ -189,8 +226,9 @@ def test_train_head_reads_only_the_chosen_layer_of_the_store(tmp_path):
     import json
 
     from features.store import StoreUpdate
-    from models.run import load_pooled, read_predictions, train_head
-    from features.manifest import read_manifest
+    from features.dataset import FeatureSet
+    from models.bundles import read_predictions
+    from models.run import train_head
 
     rng = np.random.default_rng(0)
     n, layers, dim = 120, 3, 8
@@ -207,16 +245,15 @@ def test_train_head_reads_only_the_chosen_layer_of_the_store(tmp_path):
         w.writerow(["clip_id", "path", "size", "sha256", "duration_s", "label", "fold", "split"])
         for i, cid in enumerate(ids):
             w.writerow([cid, f"v/{cid}.mp4", 1, "0" * 64, 1.0, CLASSES[y[i]], i % 4, "labelled"])
-    clips = read_manifest(tmp_path / "manifest.csv")
-    one, _, _ = load_pooled(tmp_path / "features", ["enc"], clips, {"enc": 2})
-    every, _, _ = load_pooled(tmp_path / "features", ["enc"], clips)
-    assert one["enc"].shape == (n, dim) and every["enc"].shape == (n, layers, dim)
-    np.testing.assert_array_equal(one["enc"], every["enc"][:, 2])
+    with FeatureSet(tmp_path / "features") as features:
+        one, every = features.pooled("enc", 2, ids), features.pooled("enc", None, ids)
+    assert one.shape == (n, dim) and every.shape == (n, layers, dim)
+    np.testing.assert_array_equal(one, every[:, 2])
     (tmp_path / "probe" / "enc").mkdir(parents=True)
     (tmp_path / "probe" / "enc" / "best.json").write_text(json.dumps({"best_layer": 2}))
 
     def scores(layer):
-        cfg = HeadConfig(type="probe", features=["enc"], layer=layer, **FAST)
+        cfg = head_cfg(type="probe", features=["enc"], layer=layer, **FAST)
         out = train_head(f"h{layer}", cfg, TrainConfig(seed=0, threads=1), tmp_path / "manifest.csv",
                          tmp_path / "features", tmp_path / f"out_{layer}", probe_dir=tmp_path / "probe")
         rows = read_predictions(out / "predictions.csv")

@@ -1,12 +1,13 @@
-"""The early joint audio-text module of paper 002 (Ge et al., 2nd in MER2024-SEMI and -NOISE).
+"""`early_fusion`: a frame-level early-fusion baseline (audio frames + text tokens in one transformer).
 
-The paper trains audio and text jointly early, on an LLM, to ease the competition between the
-two modalities, and late-fuses that joint audio-text feature with unimodal features. On cached
-states this becomes: ``features[0]`` = audio frames (HuBERT), ``features[1]`` = LLM token
-states (Baichuan/Qwen/SmolLM), further features (CLIP frames, ...) = unimodal inputs only.
+Not paper 002's joint audio-text LLM module (that module is an adapt stage that trains a
+projector and LoRA on the LLM itself and writes a feature store): this head is a small
+transformer trained from scratch on cached, frozen frame states, with a fixed random input
+projection (`input_dim`, see models.sequence). ``features[0]`` = audio frames (HuBERT),
+``features[1]`` = text/LLM token states, further features (CLIP frames, ...) = unimodal inputs.
 
-1. Early joint fusion: audio frames and text tokens are projected to one size (Linear,
-   learnt positions, LayerNorm), tagged with a learnt modality embedding, concatenated into one
+1. Early fusion: audio frames and text tokens are projected to one size (Linear, learnt
+   positions, LayerNorm), tagged with a learnt modality embedding, concatenated into one
    sequence and run through a small pre-norm transformer of `depth` layers, so that every audio
    frame attends to every token and back; the masked mean of that sequence is the joint feature.
 2. Late fusion: each modality's own projected frames, mean-pooled (the unimodal features), are
@@ -15,16 +16,38 @@ Inputs ``x[name]`` are ``[K, B, T_m, D_m]`` with masks ``[K, B, T_m]`` (models.b
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping
 
 import torch
 from torch import Tensor, nn
 
+from features.errors import ConfigError
 from models.blocks import Dropout, EncoderLayer, FrameInput, LayerNorm, Linear, masked_mean
+from models.config import FrameConfig
+from models.registry import HeadType, register
 
 
-class JointAudioTextHead(nn.Module):
-    """Joint audio-text transformer, late-fused with unimodal means -> logits [K, B, C]."""
+@dataclass
+class EarlyFusionConfig(FrameConfig):
+    """`type: early_fusion`: frame settings + the fixed random input projection."""
+
+    input_dim: int = 128  # fixed seeded random projection of standardised frames to this size
+    #                       before the learnt layers (0 = none); cuts the cost of wide encoders
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.input_dim < 0:
+            raise ConfigError(f"input_dim={self.input_dim} must be >= 0 (0 keeps the "
+                              f"encoder's size).")
+        if len(self.features) < 2:
+            raise ConfigError(f"an 'early_fusion' head needs at least two features: first the "
+                              f"audio encoder, then the LLM/text encoder, e.g. [hubert, smollm]; "
+                              f"got {self.features}.")
+
+
+class EarlyFusionHead(nn.Module):
+    """Audio-text early-fusion transformer, late-fused with unimodal means -> logits [K, B, C]."""
 
     def __init__(self, feature_dims: Mapping[str, int], hidden: int, dropout: float,
                  n_classes: int, members: int = 1, attn_heads: int = 4, depth: int = 1,
@@ -56,3 +79,12 @@ class JointAudioTextHead(nn.Module):
         branches = [self.joint_feature(states, mask)]
         branches += [masked_mean(states[n], mask[n]) for n in self.names]
         return self.late(torch.cat([self.norm(b) for b in branches], dim=-1))
+
+
+register(HeadType(
+    "early_fusion", EarlyFusionConfig, "frames", "models.sequence",
+    build=lambda cfg, dims, n_classes, members: EarlyFusionHead(
+        dims, cfg.hidden, cfg.dropout, n_classes, members, attn_heads=cfg.attn_heads,
+        depth=cfg.depth, max_frames=cfg.max_frames),
+    summary="frame-level early-fusion baseline: audio frames and text tokens in one small "
+            "transformer, late-fused with unimodal means"))
