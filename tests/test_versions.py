@@ -88,3 +88,14 @@ def test_editing_the_decoder_recomputes_audio_clips_and_a_store_edit_does_not(tr
     assert "1 cached, 0 to compute" in run()
     _edit(tree, "features.media")
     assert "0 cached, 1 to compute" in run()
+
+
+def test_torch_floor_excludes_bypassable_weights_only():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    import torch
+    from packaging.requirements import Requirement
+
+    deps = tomllib.loads((versions.ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    torch_req = next(Requirement(d) for d in deps if Requirement(d).name == "torch")
+    assert "2.5.1" not in torch_req.specifier and "2.6.0" in torch_req.specifier
+    assert torch.__version__.split("+")[0] in torch_req.specifier
