@@ -83,6 +83,8 @@ def _status(argv: list[str]) -> None:
 def _predict(argv: list[str]) -> int:
     import yaml
     from dataclasses import asdict
+    from stages.common import setup
+    setup()  # the stages' offline mode and logging: the same features as training, no downloads
     from models.predict import predict_videos
     p = argparse.ArgumentParser(prog="mer predict", description="Emotion of new videos with a "
                                 "trained head (run `dvc repro` first).")

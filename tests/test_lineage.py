@@ -36,3 +36,15 @@ def test_weights_code_and_library_versions_count(tmp_path):
         _store(tmp_path / "p3/other")
         check(rec, tmp_path / "p3", ["other"])
     check(None, tmp_path / "p3", ["other"])  # a bundle from before records: not checked
+
+
+def test_mer_predict_runs_offline_like_the_stages(tmp_path, monkeypatch):
+    import os
+
+    from stages.cli import main as mer
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    (tmp_path / "params.yaml").write_text("evaluate: {main_head: h}\n")
+    assert mer(["predict", "x.mp4", "--params", str(tmp_path / "params.yaml"),
+                "--heads", str(tmp_path / "heads")]) == 1  # no trained head: an error, after setup
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and os.environ["TRANSFORMERS_OFFLINE"] == "1"
