@@ -228,13 +228,13 @@ class RoundResult:
         return {c: round(float(np.mean([g[c] for g in self.gain])), 2) for c in CLASSES}
 
 
-def run_round(cfg: RoundConfig, key: str, previous: list[FoldPool], folds: np.ndarray,
-              selectable: np.ndarray, fit_fold: FitFold) -> RoundResult:
-    """One self-training round: per fold, select from that fold's previous pool predictions,
-    train on its labelled train part + the selection, predict held-out and target rows."""
-    if len(previous) != len(np.unique(folds)):
-        raise ConfigError(f"{key}: the previous round has {len(previous)} folds, the labels "
-                          f"{len(np.unique(folds))}; rerun the rounds from the base.")
+Extras = list[tuple[np.ndarray, np.ndarray]]  # per fold: (target rows, pseudo-labels)
+
+
+def next_selection(cfg: RoundConfig, key: str, previous: list[FoldPool],
+                   selectable: np.ndarray) -> tuple[Extras, list[dict[str, int]]]:
+    """Per fold: the rows it trains on in this round (selected from that fold's own previous
+    predictions), and what each class gained."""
     extras, gains = [], []
     for prev in previous:
         candidates = selectable.copy()
@@ -244,6 +244,17 @@ def run_round(cfg: RoundConfig, key: str, previous: list[FoldPool], folds: np.nd
         gains.append(new.gain())
         extras.append((np.concatenate([prev.taken, new.index]), np.concatenate(
             [prev.label, new.label])) if cfg.accumulate else (new.index, new.label))
+    return extras, gains
+
+
+def run_round(cfg: RoundConfig, key: str, previous: list[FoldPool], folds: np.ndarray,
+              selectable: np.ndarray, fit_fold: FitFold) -> RoundResult:
+    """One self-training round: per fold, select from that fold's previous pool predictions,
+    train on its labelled train part + the selection, predict held-out and target rows."""
+    if len(previous) != len(np.unique(folds)):
+        raise ConfigError(f"{key}: the previous round has {len(previous)} folds, the labels "
+                          f"{len(np.unique(folds))}; rerun the rounds from the base.")
+    extras, gains = next_selection(cfg, key, previous, selectable)
     return _train_folds(folds, extras, fit_fold, gains)
 
 
@@ -254,7 +265,7 @@ def base_round(folds: np.ndarray, fit_fold: FitFold) -> RoundResult:
     return _train_folds(folds, [(empty, empty)] * n, fit_fold, [{c: 0 for c in CLASSES}] * n)
 
 
-def _train_folds(folds: np.ndarray, extras: list[tuple[np.ndarray, np.ndarray]],
+def _train_folds(folds: np.ndarray, extras: Extras,
                  fit_fold: FitFold, gains: list[dict[str, int]]) -> RoundResult:
     oof, pools, target_sum = None, [], 0.0
     for k, (taken, label) in zip(np.unique(folds), extras):

@@ -1,4 +1,6 @@
 """Pseudo-label selection, thresholds, caps, voting, self-training rounds and their leakage rules."""
+import json
+
 import numpy as np
 import pytest
 
@@ -155,3 +157,121 @@ def test_round_that_selects_nothing_still_trains():
     res = run_round(RoundConfig(after="base", thresholds=1.0), "r1", res.pools, folds,
                     np.ones(len(pool), bool), lambda k, e, ey: (fit(k, e, ey)))
     assert res.selected == [0, 0, 0, 0] and sum(res.mean_gain.values()) == 0
+
+
+# ------------------------------------------------------------------ the round stages
+
+
+def tiny_project(tmp_path, n_lab=72, n_pool=60, n_test=12, seed=0):
+    """One encoder store with a planted class signal, a manifest with labelled clips (4 folds),
+    a pool under pool/ and test clips beside the labelled videos."""
+    import csv
+
+    from features.store import StoreUpdate
+
+    rng = np.random.default_rng(seed)
+    n = n_lab + n_pool + n_test
+    y = np.arange(n) % C
+    ids = [f"c{i:03d}" for i in range(n)]
+    pooled = rng.normal(size=(n, 2, 8)).astype(np.float32)
+    pooled[:, 1] += 2.5 * rng.normal(size=(C, 8))[y]
+    with StoreUpdate(tmp_path / "features" / "enc", "embedding", {"encoder": "enc"},
+                     {c: f"k{c}" for c in ids}) as up:
+        for i, cid in enumerate(ids):
+            up.add(cid, None, pooled=pooled[i])
+    (tmp_path / "pool").mkdir()
+    with open(tmp_path / "manifest.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["clip_id", "path", "size", "sha256", "duration_s", "label", "fold", "split"])
+        for i, cid in enumerate(ids):
+            lab = i < n_lab
+            where = "videos" if lab or i >= n_lab + n_pool else "pool"
+            w.writerow([cid, str(tmp_path / where / f"{cid}.mp4"), 1, "0" * 64, 1.0,
+                        CLASSES[y[i]] if lab else "", i % 4 if lab else -1,
+                        "labelled" if lab else "unlabelled"])
+    return ids, y
+
+
+def semi_setup(tmp_path, **rounds):
+    from models.config import TrainConfig
+    from models.registry import head_config
+    from models.rounds import semi_config
+
+    fast = dict(hidden=16, epochs=20, batch_size=32, dropout=0.1, lr=1e-2)
+    train = TrainConfig(seed=0, threads=1, heads={
+        "p1": head_config({"type": "probe", "features": ["enc"], "layer": -1, **fast}),
+        "p2": head_config({"type": "probe", "features": ["enc"], "layer": "mean", **fast})})
+    cfg = semi_config({"heads": ["p1", "p2"], "rounds": rounds})
+    return cfg, train
+
+
+def do_round(tmp_path, key, cfg, train, after=None):
+    from models.rounds import run_round
+    return run_round(key, cfg, train, tmp_path / "manifest.csv", tmp_path / "features",
+                     tmp_path / "probe", tmp_path / "semi" / key,
+                     tmp_path / "semi" / after if after else None, str(tmp_path / "pool"))
+
+
+@pytest.mark.slow
+def test_round_stages_select_from_the_pool_only_and_report(tmp_path, capsys):
+    from models.bundles import read_predictions
+    from models.rounds import report
+
+    ids, y = tiny_project(tmp_path)
+    cfg, train = semi_setup(tmp_path, r1={"after": "base", "default_threshold": 0.3, "caps": 5},
+                            r2={"after": "r1", "rule": "vote", "k": 2, "default_threshold": 0.3},
+                            r3={"after": "r2", "default_threshold": 1.0})
+    base = do_round(tmp_path, "base", cfg, train)
+    assert base["mode"].startswith("inductive") and base["metrics"]["p1"]["weighted_f1"] > 0.5
+    r1 = do_round(tmp_path, "r1", cfg, train, "base")
+    assert 0 < sum(r1["gain"].values()) and max(r1["gain"].values()) <= 5  # capped per class
+    r2 = do_round(tmp_path, "r2", cfg, train, "r1")
+    r3 = do_round(tmp_path, "r3", cfg, train, "r2")  # selects nothing: says so, trains anyway
+    assert "no clip passed" in r3["note"] and "no clip passed" in capsys.readouterr().err
+    assert r3["trained_on_pseudo"] == r2["trained_on_pseudo"]  # earlier clips kept
+    import csv
+    rows = list(csv.DictReader(open(tmp_path / "semi" / "r2" / "selected.csv")))
+    assert rows and {r["clip_id"] for r in rows} <= set(ids[72:132])  # pool only, never test
+    for head in ("p1", "p2"):  # scored rows: exactly the human-labelled clips, own folds
+        pred = read_predictions(tmp_path / "semi" / "r2" / "heads" / head / "predictions.csv")
+        lab = [r for r in pred if r["split"] == "labelled"]
+        assert [r["clip_id"] for r in lab] == ids[:72]
+        assert all(int(r["fold"]) == int(r["clip_id"][1:]) % 4 for r in lab)
+    summary = report(cfg, tmp_path / "semi", tmp_path / "results")
+    assert summary["rounds"] == ["base", "r1", "r2", "r3"]
+    plot = json.loads((tmp_path / "results" / "plots" / "p1.json").read_text())
+    assert [p["round"] for p in plot] == ["base", "r1", "r2", "r3"]
+    gain = json.loads((tmp_path / "results" / "gain.json").read_text())
+    assert gain[1]["round"] == "r1" and set(CLASSES) <= set(gain[1])
+
+
+def test_transductive_mode_selects_test_clips_and_says_so(tmp_path):
+    from models.rounds import _targets
+    from features.manifest import read_manifest
+
+    tiny_project(tmp_path, n_lab=12, n_pool=6, n_test=6)
+    clips = read_manifest(tmp_path / "manifest.csv")
+    targets, sel = _targets(clips, str(tmp_path / "pool"), transductive=False)
+    assert len(targets) == 12 and sel.sum() == 6
+    _, sel = _targets(clips, str(tmp_path / "pool"), transductive=True)
+    assert sel.sum() == 12
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(heads=["p1", "nope"]), r"semi.heads: \['nope'\] are not trained heads"),
+    (dict(rounds={"r1": {"after": "base", "rule": "vote", "k": 3}}), r"semi.rounds.r1.k=3"),
+    (dict(rounds={"r1": {"after": "base", "thresholds": {"sad": 0}}}),
+     r"semi.rounds.r1.thresholds"),
+    (dict(rounds={"r1": {"after": "r9"}}), r"\{'r1': 'r9'\}"),
+    (dict(pool=False), r"no unlabelled clips to select from"),
+])
+def test_bad_settings_fail_before_any_training(tmp_path, change, words):
+    from models.rounds import semi_config
+
+    tiny_project(tmp_path, n_lab=12, n_pool=0 if change.get("pool") is False else 6, n_test=0)
+    _, train = semi_setup(tmp_path)
+    section = {"heads": change.get("heads", ["p1", "p2"]),
+               "rounds": change.get("rounds", {"r1": {"after": "base"}})}
+    with pytest.raises(ConfigError, match=words):
+        do_round(tmp_path, "base", semi_config(section), train)
+    assert not (tmp_path / "semi").exists()  # nothing trained, nothing written
