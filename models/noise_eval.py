@@ -76,13 +76,14 @@ def _load_head(path: Path):
 
 def _input_stage(enc: Mapping) -> str:
     """Which media stage feeds an encoder: audio, denoise, asr or faces (by its `input` path)."""
-    from features.status import MEDIA_STAGES
+    from features.pipeline import MEDIA, stage_of
 
-    for stage, (output, _, _) in MEDIA_STAGES.items():
-        if str(enc.get("input", "")).rstrip("/") == output:
-            return stage
+    stage = stage_of(str(enc.get("input", "")))
+    if stage != "prepare":
+        return stage
     raise MerError(f"an encoder reads {enc.get('input')!r}, which no media stage writes; noise "
-                   f"evaluation needs encoders fed by {[o for o, _, _ in MEDIA_STAGES.values()]}.")
+                   f"evaluation needs encoders fed by "
+                   f"{[s.output for s in MEDIA.values() if s.name != 'prepare']}.")
 
 
 def _needs(encoders: list[str], params: Mapping, stage: str) -> bool:
@@ -172,6 +173,7 @@ def _embed_variant(variant: str, backend: str, encoders: list[str], params: Mapp
 
 def _score(heads: dict, views: dict[str, dict[str, Path]], clips) -> dict[str, dict[str, dict]]:
     """head -> variant -> {wf1, n}: weighted F1 of the head's predictions on the copies."""
+    from features.dataset import FeatureSet
     from models.config import CLASSES
 
     out: dict[str, dict[str, dict]] = {}
@@ -180,7 +182,10 @@ def _score(heads: dict, views: dict[str, dict[str, Path]], clips) -> dict[str, d
             with tempfile.TemporaryDirectory() as td:  # the folder layout HeadPredictor reads
                 for name, store in view.items():
                     os.symlink(store.resolve(), Path(td) / name)
-                have, probs = predictor.predict(Path(td), clips)
+                with FeatureSet(td) as features:
+                    ids = features.common_ids(predictor.cfg.features, [c.clip_id for c in clips])
+                    probs = predictor.predict(features, ids) if ids else []
+                have = [c for c in clips if c.clip_id in set(ids)]
             if not have:
                 continue
             y = np.array([CLASSES.index(c.label) for c in have])
