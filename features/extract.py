@@ -118,7 +118,10 @@ def transcribe_audio(audio_store: str | os.PathLike, cfg: AsrConfig,
             texts[clip_id] = {"text": transcriber.transcribe(src.get(clip_id), clip_id),
                               "source": cfg.backend, "key": keys[clip_id]}
         # Save finished transcripts every few clips so a killed run resumes where it stopped.
-        save = lambda: write_json_atomic(out / TRANSCRIPTS_FILE, {"asr": fp, "transcripts": texts})  # noqa: E731
+        # ASR results of clips no longer in the input are kept (not shown) until a prune.
+        kept = {c: e for c, e in old.items() if c not in keys and e.get("source") != "csv"}
+        save = lambda: write_json_atomic(out / TRANSCRIPTS_FILE, {"asr": fp, "transcripts": texts,  # noqa: E731
+                                                                  "kept": kept})
         for_each_clip(((cid, None) for cid in todo), work, failures, f"asr[{cfg.backend}]",
                       total=len(todo), checkpoint=save, reused=len(keys) - len(todo))
     save()
@@ -128,7 +131,8 @@ def transcribe_audio(audio_store: str | os.PathLike, cfg: AsrConfig,
 
 def _old_transcripts(path: Path) -> dict:
     try:
-        return read_json(path)["transcripts"]
+        data = read_json(path)
+        return {**data.get("kept", {}), **data["transcripts"]}
     except (FileNotFoundError, KeyError, ValueError):
         return {}
 
