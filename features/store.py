@@ -672,8 +672,10 @@ def write_store(path: str | os.PathLike, kind: str, meta: Mapping | None,
     items = list(items)
     wanted = {cid: clip_key(cid, i) for i, (cid, *_rest) in enumerate(items)}
     with StoreUpdate(path, kind, meta, wanted, **kwargs) as up:
+        todo = set(up.todo)  # an existing store's clips with the same key are reused
         for cid, array, attrs, pooled in items:
-            up.add(cid, array, attrs=attrs, pooled=pooled)
+            if cid in todo:
+                up.add(cid, array, attrs=attrs, pooled=pooled)
     return Path(path)
 
 

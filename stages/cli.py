@@ -48,18 +48,28 @@ def _inspect(argv: list[str]) -> None:
 
 def _prune(argv: list[str]) -> None:
     from pathlib import Path
+    from features.extract import TRANSCRIPTS_FILE
+    from features.reports import read_json, write_json_atomic
     from features.store import INDEX, prune
     p = argparse.ArgumentParser(prog="mer store prune", description="Delete the clips a store "
-                                "keeps although its stage's input no longer has them.")
-    p.add_argument("paths", nargs="+", help="stores, or folders searched for stores")
+                                "(or transcripts.json) keeps although its stage's input no "
+                                "longer has them.")
+    p.add_argument("paths", nargs="+", help="stores, transcripts.json, or folders searched for both")
     args = p.parse_args(argv)
-    for path in args.paths:
-        stores = [Path(path)] if (Path(path) / INDEX).is_file() else \
-            sorted(i.parent for i in Path(path).rglob(INDEX) if ".ranks" not in i.parts)
-        if not stores:
-            raise MerError(f"no store at or under {path}.")
-        for store in stores:
-            print(f"{store}: {prune(store)} kept clip(s) deleted")
+    for path in map(Path, args.paths):
+        found = [path] if (path / INDEX).is_file() or path.is_file() else sorted(
+            [i.parent for i in path.rglob(INDEX) if ".ranks" not in i.parts]
+            + list(path.rglob(TRANSCRIPTS_FILE)))
+        if not found:
+            raise MerError(f"no store or {TRANSCRIPTS_FILE} at or under {path}.")
+        for item in found:
+            if item.is_file():  # transcripts: drop the kept entries
+                data = read_json(item)
+                n, data["kept"] = len(data.get("kept", {})), {}
+                write_json_atomic(item, data)
+            else:
+                n = prune(item)
+            print(f"{item}: {n} kept clip(s) deleted")
 
 
 def _status(argv: list[str]) -> None:

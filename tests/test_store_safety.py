@@ -151,3 +151,34 @@ def test_clips_leaving_the_input_are_kept_until_pruned(tmp_path, capsys):
         assert up.todo == ["c1"]  # pruned means gone
         up.add("c1", pooled=items["c1"])
     assert prune(tmp_path / "s") == 0
+
+
+def test_asr_transcripts_of_clips_leaving_the_input_are_kept_until_pruned(tmp_path):
+    from features.asr import AsrConfig
+    from features.extract import asr_fingerprint, transcribe_audio
+    write_store(tmp_path / "audio", "audio", {}, [(c, np.zeros(160, np.float32), None, None)
+                                                  for c in ("a", "b")])
+    with StoreReader(tmp_path / "audio") as s:
+        keys = dict(s.keys)
+    cfg = AsrConfig()
+    fp = asr_fingerprint(cfg)
+    done = {c: {"text": f"hours of work {c}", "source": "faster_whisper",
+                "key": clip_key("asr", keys[c], fp)} for c in keys}
+    out = tmp_path / "asr"
+    out.mkdir()
+    (out / "transcripts.json").write_text(json.dumps({"asr": fp, "transcripts": done}))
+    write_store(tmp_path / "audio", "audio", {}, [("a", np.zeros(160, np.float32), None, None)])
+    with StoreReader(tmp_path / "audio") as s:  # same key for a (same content, same index)
+        assert s.keys["a"] == keys["a"]
+    transcribe_audio(tmp_path / "audio", cfg, out)  # no model is loaded: nothing to transcribe
+    data = json.loads((out / "transcripts.json").read_text())
+    assert set(data["transcripts"]) == {"a"} and set(data["kept"]) == {"b"}
+    write_store(tmp_path / "audio", "audio", {}, [(c, np.zeros(160, np.float32), None, None)
+                                                  for c in ("a", "b")])
+    transcribe_audio(tmp_path / "audio", cfg, out)  # b is back: reused, still no model
+    data = json.loads((out / "transcripts.json").read_text())
+    assert data["transcripts"]["b"]["text"] == "hours of work b" and data["kept"] == {}
+    write_store(tmp_path / "audio", "audio", {}, [("a", np.zeros(160, np.float32), None, None)])
+    transcribe_audio(tmp_path / "audio", cfg, out)
+    assert mer(["store", "prune", str(out / "transcripts.json")]) == 0
+    assert json.loads((out / "transcripts.json").read_text())["kept"] == {}
