@@ -26,6 +26,7 @@ from features.asr import (AsrConfig, Hypothesis, load_backend, load_transcripts_
                           transcribe_scored, wer)
 from features.clips import for_each_clip
 from features.config import as_dict, from_section
+from features.dataset import FeatureSet
 from features.denoise import DenoiseConfig
 from features.embed import embed_store
 from features.encoders import EncoderConfig

