@@ -42,13 +42,14 @@ def test_a_second_writer_waits_for_the_first(tmp_path):
     first = _writer(tmp_path / "s", 50, tmp_path / "gate")
     assert first.stdout.readline().split() == ["todo", "50"]
     second = _writer(tmp_path / "s", 100)
-    time.sleep(1.5)
-    assert second.poll() is None  # blocked on the lock, not writing
+    waiting = second.stderr.readline()  # without a lock it would run to the end instead
+    assert "being updated by another process" in waiting and f"pid {first.pid}" in waiting
+    time.sleep(0.5)
+    assert second.poll() is None  # still blocked while the first holds the store
     (tmp_path / "gate").touch()
     assert first.wait(60) == 0
     out, err = second.communicate(timeout=60)
     assert second.returncode == 0, err
-    assert "being updated by another process" in err and f"pid {first.pid}" in err
     assert out.split()[:2] == ["todo", "50"]  # it saw the first writer's committed clips
     _writer(tmp_path / "clean", 100).communicate(timeout=60)
     with StoreReader(tmp_path / "s") as a, StoreReader(tmp_path / "clean") as b:
