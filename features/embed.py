@@ -16,37 +16,28 @@ from typing import Any
 
 import numpy as np
 
-from features import distributed as dist
 from features import versions
+from features.cachekeys import remembered, source_key, still_to_do
 from features.config import resolve_model_path
 from features.clips import check_not_all_failed
-from features.encoders import EncoderConfig, load_encoder
-from features.engine import Engine
+from features.encoders.config import CODE_VERSION, EncoderConfig
 from features.errors import ConfigError, MerError
-from features.extract import read_transcripts
-from features.reports import FailureReport
+from features.reports import FailureReport, read_json
 from features.store import StoreReader, StoreUpdate, clip_key
 
 INPUT_KIND = {"speech": "audio", "vision": "faces"}
+# Settings that change how shards are written or where inputs come from, never the numbers.
+LAYOUT_ONLY = ("input", "store_dtype", "compression", "shard_mb")
+PACKAGES = ("torch", "transformers", "tokenizers", "gguf")  # they interpret the model's files
 
 
 def store_dtype(cfg: EncoderConfig) -> np.dtype:
     # Half precision halves the store at no measurable cost to probes; fp32 when asked for.
-    if cfg.store_dtype not in ("float16", "float32"):
-        raise ConfigError(f"store_dtype {cfg.store_dtype!r}: use float16 or float32.")
-    return np.dtype(cfg.store_dtype)
-
-
-COMPRESSIONS = ("", "gzip", "lzf")
+    return np.dtype(cfg.store_dtype)  # checked by EncoderConfig
 
 
 def store_layout(cfg: EncoderConfig) -> dict:
     """How shards are written (not what they hold: neither setting enters the cache keys)."""
-    if cfg.compression not in COMPRESSIONS:
-        raise ConfigError(f"compression {cfg.compression!r}: use one of {list(COMPRESSIONS)} "
-                          f"(\"\" = none, the default; benchmarks/store.py measures each).")
-    if not cfg.shard_mb > 0:
-        raise ConfigError(f"shard_mb {cfg.shard_mb!r}: must be > 0 (about 1024 suits DVC remotes).")
     return {"compression": cfg.compression or None, "shard_mb": float(cfg.shard_mb)}
 
 
@@ -62,7 +53,7 @@ class Inputs:
         self._reader: StoreReader | None = None
         self._pid = -1
         if cfg.family == "text":
-            self._texts = read_transcripts(path)
+            self._texts = read_json(path)["transcripts"]  # the asr stage's transcripts.json
             self.keys = {cid: t["key"] for cid, t in self._texts.items()}
         elif cfg.family in INPUT_KIND:
             with StoreReader(path, kind=INPUT_KIND[cfg.family]) as reader:
@@ -93,31 +84,78 @@ def embed_store(name: str, cfg: EncoderConfig, input_path: str | os.PathLike,
     """Encode the clips of `input_path` that have no cached result; write the store at `out_path`.
 
     A clip's cache key is its upstream key plus the encoder's fingerprint (model, weights hash,
-    layers, pooling, dtype, code version), so any change to those recomputes every clip and
-    nothing else ever does. Finished work is persisted every CHECKPOINT_S seconds (the resume
-    point). Under torchrun each rank takes every WORLD_SIZE-th clip still to do.
+    layers, pooling, dtype, quantize, chunking, code version), so any change to those recomputes
+    every clip and nothing else ever does. Keys come before weights: when the store remembers
+    the fingerprint of the same sources (`features.cachekeys`) and every clip is cached, no model
+    is loaded and torch is not imported. Finished work is persisted every CHECKPOINT_S seconds
+    (the resume point). Under torchrun each rank takes every WORLD_SIZE-th clip still to do.
     """
+    out_path, dtype = Path(out_path), store_dtype(cfg)
+    inputs = Inputs(cfg, input_path)
+    failures = FailureReport(f"embed@{name}")
+    try:
+        meta = _cached_meta(cfg, out_path, inputs.keys, dtype)
+        if meta is not None:  # nothing to compute: refresh the store's clip set and layout only
+            wanted = _wanted(inputs.keys, meta, dtype)
+            with StoreUpdate(out_path, "embedding", meta, wanted, compression=meta["compression"],
+                             shard_mb=meta["shard_mb"]) as up:
+                print(f"[embed {name}] {len(wanted)} clips: {up.reused} cached, 0 to encode "
+                      f"(no model loaded)")
+            failures.write(out_path.parent / f"{out_path.name}.failures.json")
+            return out_path
+        _load_and_encode(name, cfg, inputs, out_path, failures, workers)
+    finally:
+        inputs.close()
+    return out_path
+
+
+def _sources(cfg: EncoderConfig) -> str | None:
+    """The source key of this encoder's fingerprint (None: a hub id, always load)."""
+    runtime = None
+    if cfg.device != "cpu" or cfg.dtype not in ("float32", "float16") or cfg.quantize:
+        from features.encoders.base import runtime_facts  # torch: what auto / bf16 / int8 resolve to
+
+        runtime = runtime_facts(cfg)
+    settings = {k: v for k, v in vars(cfg).items() if k not in LAYOUT_ONLY}
+    code = sorted(versions.module_file(m) for m in versions.code_modules("embed"))
+    return source_key({**settings, "code": CODE_VERSION}, cfg.model, PACKAGES, code, runtime)
+
+
+def _cached_meta(cfg: EncoderConfig, out: Path, keys: dict, dtype: np.dtype) -> dict | None:
+    """The store meta to write when every clip is cached under a remembered fingerprint."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return None  # ranks coordinate through the process group: see _encode_sharded
+    sources = _sources(cfg)
+    old = remembered(out, sources)
+    if old is None or old.get("store_dtype") != dtype.name:
+        return None
+    meta = {**old, "layers_frames": cfg.layers_frames, **store_layout(cfg)}
+    return None if still_to_do(out, _wanted(keys, meta, dtype)) else meta
+
+
+def _wanted(keys: dict, meta: dict, dtype: np.dtype) -> dict:
+    return {cid: clip_key("embed", key, meta["fingerprint"], dtype.name) for cid, key in keys.items()}
+
+
+def _load_and_encode(name: str, cfg: EncoderConfig, inputs: Inputs, out_path: Path,
+                     failures: FailureReport, workers: int | None) -> None:
+    from features import distributed as dist
+    from features.encoders import load_encoder
+
     _, world = dist.rank_and_world()
-    dtype, layout = store_dtype(cfg), store_layout(cfg)  # config errors before any model load
+    dtype, layout = store_dtype(cfg), store_layout(cfg)
     dist.init()
     encoder = load_encoder(dist.rank_config(cfg))
-    inputs = Inputs(cfg, input_path)
-    out_path = Path(out_path)
     fp = {**encoder.fingerprint(), **versions.fingerprint("embed"),  # code, libraries, tokenizer
           "model_files": versions.model_files(resolve_model_path(cfg.model))}
     meta = {"encoder": name, "fingerprint": fp, "layers_frames": cfg.layers_frames,
             "num_layers": encoder.num_layers, "hidden_size": encoder.hidden_size,
-            "store_dtype": dtype.name, **layout}
-    wanted = {cid: clip_key("embed", key, fp, dtype.name) for cid, key in inputs.keys.items()}
-    failures = FailureReport(f"embed@{name}")
-    try:
-        if world == 1:
-            _encode_into(out_path, meta, wanted, encoder, inputs, failures, name, workers)
-        else:
-            _encode_sharded(out_path, meta, wanted, encoder, inputs, failures, name, workers)
-    finally:
-        inputs.close()
-    return out_path
+            "store_dtype": dtype.name, "sources": _sources(cfg), **layout}
+    wanted = _wanted(inputs.keys, meta, dtype)
+    if world == 1:
+        _encode_into(out_path, meta, wanted, encoder, inputs, failures, name, workers)
+    else:
+        _encode_sharded(out_path, meta, wanted, encoder, inputs, failures, name, workers)
 
 
 def _encode_into(path: Path, meta: dict, wanted: dict, encoder, inputs: Inputs,
@@ -135,6 +173,9 @@ def _encode_into(path: Path, meta: dict, wanted: dict, encoder, inputs: Inputs,
         def sink(cid, enc):  # called from the engine's writer thread only
             up.add(cid, enc.frames.astype(dtype), pooled=enc.pooled.astype(dtype), attrs=attrs)
 
+        from features import distributed as dist
+        from features.engine import Engine
+
         engine = Engine(encoder, workers=workers, desc=f"embed[{name}]")
         summary = engine.run(up.todo, inputs.load, sink, failures.add_error, tick=up.checkpoint,
                              tick_s=dist.checkpoint_seconds())
@@ -145,8 +186,10 @@ def _encode_into(path: Path, meta: dict, wanted: dict, encoder, inputs: Inputs,
 def _encode_sharded(out: Path, meta: dict, wanted: dict, encoder, inputs: Inputs,
                     failures: FailureReport, name: str, workers: int | None) -> None:
     """This rank's share into its own store; then rank 0 merges every rank store into `out`."""
+    from features import distributed as dist
+
     rank, world = dist.rank_and_world()
-    todo = dist.still_to_do(out, wanted)
+    todo = still_to_do(out, wanted)
     share = {cid: wanted[cid] for cid in dist.shard(todo, rank, world)}
     mine = dist.rank_store(out, rank, world)
     error = None
@@ -173,6 +216,8 @@ def _encode_sharded(out: Path, meta: dict, wanted: dict, encoder, inputs: Inputs
 
 
 def _merge_failures(out: Path, name: str, world: int) -> None:
+    from features import distributed as dist
+
     merged = FailureReport(f"embed@{name}")
     for store in dist.rank_stores(out, world):
         report = store.parent / f"{store.name}.failures.json"

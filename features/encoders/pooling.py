@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from features.encoders.config import POOLINGS
 from features.errors import ConfigError
-
-POOLINGS = ("mean", "cls", "last")
 
 
 def check_pooling(name: str) -> str:

@@ -13,6 +13,11 @@ its output frames up to the middle of its overlaps, so the stitched clip has exa
 a single pass gives (chunk starts are multiples of the conv stride: one shared frame grid) and
 every kept frame saw at least 1 s of context on each side. Clips up to CHUNK_SECONDS are one
 segment: the numbers of a single whole-clip pass.
+`chunking: mertools` reproduces MERTools' extract_audio_huggingface.py instead: a clip longer
+than 10 s is normalised as a whole, zero-padded to a multiple of 10 s and cut into 10 s pieces
+run without context from their neighbours and without an attention mask (inputs are batched
+with others of exactly their length only, as for group-norm models); every frame of every piece is kept (the padding's
+frames too), so `pooled` is MERTools' average over all frames and `frames` its [T, D] states.
 Clips shorter than the conv front end's receptive field (25 ms for the standard layout) are
 zero-padded up to it.
 """
@@ -25,6 +30,7 @@ import numpy as np
 import torch
 from transformers import AutoFeatureExtractor, AutoModel
 
+from features.encoders.config import MERTOOLS_PIECE_SECONDS
 from features.encoders.base import (
     EncodedClip,
     Encoder,
@@ -75,7 +81,9 @@ class SpeechEncoder(Encoder):
                 f"speech encoder {self.path!r} is a {type(model).__name__}; supported are "
                 f"wav2vec2-style models (HuBERT, wav2vec2, WavLM, data2vec-audio)."
             )
-        self.padded_batches = getattr(model.config, "feat_extract_norm", "group") == "layer"
+        # MERTools' mode runs every input unpadded and unmasked, as MERTools does.
+        self.padded_batches = getattr(model.config, "feat_extract_norm", "group") == "layer" \
+            and self.cfg.chunking != "mertools"
         self.min_samples = receptive_field(model.config)
         self.stride = int(np.prod(model.config.conv_stride))
         return model
@@ -85,6 +93,8 @@ class SpeechEncoder(Encoder):
             "max_seconds": self.cfg.max_seconds,
             "chunk_seconds": CHUNK_SECONDS,
             "overlap_seconds": OVERLAP_SECONDS,
+            "chunking": self.cfg.chunking,
+            "mertools_piece_seconds": MERTOOLS_PIECE_SECONDS if self.cfg.chunking == "mertools" else None,
             "feature_extractor": type(self.extractor).__name__,
             "normalize": bool(getattr(self.extractor, "do_normalize", False)),
         }
@@ -119,9 +129,23 @@ class SpeechEncoder(Encoder):
         # Normalise the whole clip once (per-clip mean and variance, as a single pass does).
         wave = self.extractor(wave, sampling_rate=SAMPLE_RATE, return_tensors="np")["input_values"][0]
         wave = np.ascontiguousarray(wave, dtype=np.float32)
+        if self.cfg.chunking == "mertools":
+            return self.mertools_pieces(wave)
         return [
             Segment(wave[a:b], b - a, (b - a) / SAMPLE_RATE, keep) for a, b, keep in self.chunk_plan(wave.size)
         ]
+
+    def mertools_pieces(self, wave: np.ndarray) -> list[Segment]:
+        """MERTools' split_into_batch: 10 s pieces, the last zero-padded; all their frames kept."""
+        piece = int(MERTOOLS_PIECE_SECONDS * SAMPLE_RATE)
+        if wave.size <= piece:
+            return [Segment(wave, wave.size, wave.size / SAMPLE_RATE, (0, self._frames(wave.size)))]
+        padded = np.zeros(-(-wave.size // piece) * piece, dtype=np.float32)
+        padded[: wave.size] = wave
+        frames, seconds = self._frames(piece), wave.size / SAMPLE_RATE
+        count = padded.size // piece
+        return [Segment(padded[i * piece : (i + 1) * piece], piece, seconds / count, (0, frames))
+                for i in range(count)]
 
     def chunk_plan(self, n: int) -> list[tuple[int, int, tuple[int, int]]]:
         """(first sample, end sample, kept output frames [start, end) local to the chunk)."""

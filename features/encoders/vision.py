@@ -22,9 +22,10 @@ from features.encoders.base import (
     register,
     safetensors_kwargs,
 )
-from features.errors import ClipError, ConfigError, ModelLoadError
+from features.errors import ClipError, ModelLoadError
 
-# Images per forward pass: bounds memory (all hidden states of a ViT-L are large), not results.
+# Images per segment and per forward pass: bounds memory (all hidden states of a ViT-L are large
+# and a clip's frames are many), not results: a clip's vector is the mean over all its segments.
 IMAGES_PER_PASS = 64
 
 
@@ -33,11 +34,6 @@ class VisionEncoder(Encoder):
     unit = "images"
 
     def _load(self) -> torch.nn.Module:
-        if self.pooling not in ("cls", "mean"):
-            raise ConfigError(
-                f"vision encoder: pooling {self.pooling!r} has no meaning for images; use cls "
-                f"(CLS token per frame) or mean (average of patch tokens per frame)."
-            )
         remote = {"trust_remote_code": self.cfg.trust_remote_code}
         try:
             self.processor = AutoImageProcessor.from_pretrained(self.path, **remote)
@@ -67,9 +63,14 @@ class VisionEncoder(Encoder):
         return super().encode(items)
 
     def prepare(self, crops: np.ndarray) -> list[Segment]:
+        """A clip's frames in segments of at most IMAGES_PER_PASS: memory grows with the batch,
+        never with the clip (a long video sampled densely has thousands of frames)."""
         check_crops("?", crops)
+        return [self._pixels(crops[i : i + IMAGES_PER_PASS]) for i in range(0, len(crops), IMAGES_PER_PASS)]
+
+    def _pixels(self, crops: np.ndarray) -> Segment:
         pixels = self.processor(images=list(crops), return_tensors="np")["pixel_values"]
-        return [Segment(np.ascontiguousarray(pixels, dtype=np.float32), len(crops), float(len(crops)))]
+        return Segment(np.ascontiguousarray(pixels, dtype=np.float32), len(crops), float(len(crops)))
 
     def collate(self, segments: list[Segment]) -> dict:
         # ViT inputs have one fixed size: a batch is every image of its clips, no padding at all.
