@@ -4,6 +4,7 @@
     mer standins artifacts/standins              build the random-weight demo stand-ins
     mer store inspect artifacts/features/hubert
     mer store prune artifacts                    delete clips stores keep after they left the input
+    mer store export STORE --format mertools|npz|parquet [--layers last4] [--level utterance] OUT
     mer status [--json]                          clips per stage: done / failed / pending / blocked
     mer predict VIDEO [VIDEO...] [--head H] [--json]   emotion + class probabilities per video
     mer metrics [results/metrics.json]           one line per head: weighted F1, accuracy, macro F1
@@ -70,6 +71,27 @@ def _prune(argv: list[str]) -> None:
             else:
                 n = prune(item)
             print(f"{item}: {n} kept clip(s) deleted")
+
+
+def _export(argv: list[str]) -> None:
+    from features.export import FORMATS, LEVELS, REDUCES, export_store
+    p = argparse.ArgumentParser(prog="mer store export", description="An embedding store's "
+                                "features as MERTools' per-clip .npy folder, one .npz or one .parquet.")
+    p.add_argument("store", help="embedding store, e.g. artifacts/features/hubert")
+    p.add_argument("out", help="folder (mertools) or file (npz, parquet)")
+    p.add_argument("--format", choices=FORMATS, default="mertools")
+    p.add_argument("--layers", default="last4", help="last4 (default), last<N>, all, or indices "
+                   "such as 12,13 or 21-24, negative ones as --layers=-1 (hidden state 0 = the "
+                   "embeddings output)")
+    p.add_argument("--reduce", choices=REDUCES, default="sum",
+                   help="how the chosen layers combine: sum (MERTools' last4, default) or mean")
+    p.add_argument("--level", choices=LEVELS, default="utterance")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    args = p.parse_args(argv)
+    info = export_store(args.store, args.out, args.format, args.layers, args.level, args.reduce,
+                        args.force)
+    print(f"exported {info['clips']} clips ({info['level']}, {info['reduce']} of hidden states "
+          f"{info['layers']}) as {info['format']} to {info['out']}")
 
 
 def _status(argv: list[str]) -> None:
@@ -174,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
             _inspect(rest[1:])
         elif cmd == "store" and rest[:1] == ["prune"]:
             _prune(rest[1:])
+        elif cmd == "store" and rest[:1] == ["export"]:
+            _export(rest[1:])
         else:
             print(f"mer: unknown command {' '.join(argv[:2])!r}\n{usage}", file=sys.stderr)
             return 2
