@@ -46,8 +46,10 @@ class Bundle:
 
 
 def save_bundle(head_dir: str | os.PathLike, cfg: Any, feature_dims: Mapping[str, int],
-                state: dict, inputs: Mapping[str, dict] | None = None) -> Path:
-    """Write head.json and model.pt into `head_dir` (each atomically)."""
+                state: dict, inputs: Mapping[str, dict] | None = None,
+                lineage: Mapping[str, dict] | None = None) -> Path:
+    """Write head.json and model.pt into `head_dir` (each atomically); `lineage` is what
+    decided the features it trained on (`features.lineage.record`), checked by `mer predict`."""
     import torch
 
     head_dir = Path(head_dir)
@@ -59,7 +61,7 @@ def save_bundle(head_dir: str | os.PathLike, cfg: Any, feature_dims: Mapping[str
     write_json_atomic(head_dir / META, {
         "format": FORMAT, "type": head.name, "summary": head.summary, "config": as_dict(cfg),
         "feature_dims": {n: int(feature_dims[n]) for n in cfg.features},
-        "classes": list(CLASSES)})
+        "classes": list(CLASSES), "lineage": dict(lineage or {})})
     return head_dir
 
 
@@ -69,10 +71,14 @@ def read_meta(head_dir: str | os.PathLike) -> dict:
     if not path.is_file():
         raise ModelLoadError(f"{path} does not exist; run the train stage (`dvc repro "
                              f"train@{Path(head_dir).name}`) first.")
-    meta = read_json(path)
-    if meta.get("format") != FORMAT:
-        raise ModelLoadError(f"{path} has format {meta.get('format')!r}, this code reads "
-                             f"{FORMAT!r}; retrain the head.")
+    try:
+        meta = read_json(path)
+    except ValueError as err:
+        raise ModelLoadError(f"{path} is not JSON ({err}); retrain the head.") from err
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else None
+        raise ModelLoadError(f"{path} has format {got!r}, this code reads {FORMAT!r}; retrain "
+                             f"the head.")
     if list(meta.get("classes", [])) != list(CLASSES):
         raise ModelLoadError(f"{path} was trained for classes {meta.get('classes')}, this code "
                              f"uses {list(CLASSES)}; retrain.")

@@ -174,7 +174,6 @@ def _embed_variant(variant: str, backend: str, encoders: list[str], params: Mapp
 
 def _score(heads: dict, views: dict[str, dict[str, Path]], clips) -> dict[str, dict[str, dict]]:
     """head -> variant -> {wf1, n}: weighted F1 of the head's predictions on the copies."""
-    from features.dataset import FeatureSet
     from models.config import CLASSES
 
     out: dict[str, dict[str, dict]] = {}

@@ -16,11 +16,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 
+from features import lineage
 from features.dataset import FeatureSet
+from features.errors import MerError
 from features.manifest import read_manifest
 from features.reports import FailureReport, read_json, write_json_atomic
 from models import registry
@@ -91,7 +93,7 @@ def train_head(name: str, cfg: Any, train_cfg: Any, manifest: str | os.PathLike,
     result = cross_validate_head(cfg, train_cfg, inputs, y, folds, test,
                                  ExtraRows(*rows) if rows else None)
     save_bundle(out, cfg, _dims(x), head.trainer_module().bundle_state(result, cfg),
-                {k: p.state() for k, p in plans.items()})
+                {k: p.state() for k, p in plans.items()}, lineage.record(features_dir, cfg.features))
     write_predictions(out / PREDICTIONS, labelled, result.oof_probs, result.fold_of,
                       unlabelled, result.test_probs)
     write_json_atomic(out / HISTORY, {"train_loss": result.history})
@@ -158,7 +160,7 @@ def _kind(folder: Path) -> str:
         return f"ensemble:{read_json(folder / 'ensemble.json').get('method', '?')}"
     try:
         return str(read_meta(folder)["type"])
-    except Exception:  # noqa: BLE001 - an old or foreign folder still gets scored
+    except MerError:  # an old or foreign folder still gets scored
         return "?"
 
 
@@ -173,8 +175,6 @@ def log_training(head_dir: str | os.PathLike, live_dir: str | os.PathLike) -> Pa
     ``fold<k>/train_loss`` each fold's; the summary holds the out-of-fold weighted F1 and
     accuracy. ``dvcyaml=False``: dvc.yaml declares the files (metrics.json, plots/metrics).
     """
-    from dvclive import Live
-
     head_dir = Path(head_dir)
     history = read_json(head_dir / HISTORY).get("train_loss", []) \
         if (head_dir / HISTORY).is_file() else []

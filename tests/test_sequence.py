@@ -214,7 +214,6 @@ def test_extra_frames_join_training_only():
     clips, y = synthetic(n=60)
     fr = frames_of(clips)
     extra = {n: f.take(np.arange(10)) for n, f in fr.items()}
-    from models.cv import ExtraRows
     cfg, folds = cfg_for("early_fusion", epochs=1), np.arange(60) % 3
     res = cross_validate(fr, y, cfg, TrainConfig(seed=0, threads=1), folds=folds,
                          extra=ExtraRows(extra, y[:10], np.full(10, 2)))
