@@ -291,11 +291,16 @@ class StoreLock:
     file for DVC to see.
     """
 
+    _held: set[Path] = set()  # stores this process holds: a second update here would deadlock
+
     def __init__(self, folder: Path):
-        self.path = Path(folder) / LOCK
+        self.path = Path(folder).resolve() / LOCK
         self._fd: int | None = None
 
     def acquire(self) -> "StoreLock":
+        if self.path in StoreLock._held:
+            raise StoreError(f"store {self.path.parent} is already being updated by this process; "
+                             f"finish (leave the `with` block of) that update first.")
         told = False
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -314,6 +319,7 @@ class StoreLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
+        StoreLock._held.add(self.path)
         return self
 
     def release(self) -> None:
@@ -325,6 +331,7 @@ class StoreLock:
             pass
         os.close(self._fd)  # closing drops the flock
         self._fd = None
+        StoreLock._held.discard(self.path)
 
 
 def _same_file(fd: int, path: Path) -> bool:

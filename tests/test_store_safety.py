@@ -58,6 +58,15 @@ def test_a_second_writer_waits_for_the_first(tmp_path):
     assert not (tmp_path / "s" / ".lock").exists()
 
 
+def test_a_second_update_in_the_same_process_is_an_error_not_a_deadlock(tmp_path):
+    with StoreUpdate(tmp_path / "s", "audio", {}, {"a": "k"}) as up:
+        up.add("a", np.zeros(3))
+        with pytest.raises(StoreError, match="already being updated by this process"):
+            StoreUpdate(tmp_path / "s", "audio", {}, {"a": "k"})
+    with StoreUpdate(tmp_path / "s", "audio", {}, {"a": "k"}) as up:  # released: fine again
+        assert up.todo == []
+
+
 JSON_WRITER = """
 import sys
 from features.reports import write_json_atomic
