@@ -179,3 +179,17 @@ def test_train_config_parses_heads_and_rejects_typos():
     for layer in ([], [1, 1], [1.5], True, "first"):
         with pytest.raises(ConfigError, match="layer"):
             head_cfg(type="probe", features=["a"], layer=layer)
+
+
+def test_docs_list_every_registered_head_type():
+    """docs/architecture.md's head table and the README name every type in the registry."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    docs = (root / "docs" / "architecture.md").read_text()
+    readme = (root / "README.md").read_text()
+    for name in registry.MODULES:
+        head = registry.get(name)
+        assert f"| `{name}` | `{registry.MODULES[name].replace('.', '/')}.py` | {head.inputs} |" \
+            in docs, name
+        assert f"`{name}`" in readme, name
