@@ -16,7 +16,7 @@ from typing import Mapping
 
 import numpy as np
 
-from features import pipeline
+from features import lineage, pipeline
 from features.asr import AsrConfig
 from features.config import as_dict, from_section
 from features.dataset import FeatureSet
@@ -28,7 +28,7 @@ from features.extract import AudioConfig, crop_faces, denoise_audio, extract_aud
 from features.faces import FacesConfig
 from features.manifest import Clip, describe, write_manifest
 from features.reports import read_json
-from models.bundles import HeadPredictor, load_head
+from models.bundles import HeadPredictor, load_head, read_meta
 from models.config import CLASSES
 
 
@@ -53,7 +53,9 @@ def predict_videos(videos: list[str], params: Mapping, heads_dir: str | os.PathL
     for pred in preds:
         if pred.clip_id in failed:
             pred.error = failed[pred.clip_id]
-    if ok:
+    if ok:  # features computed as the head's were, or an error naming what differs
+        lineage.check(read_meta(Path(heads_dir) / head).get("lineage"), work / "features",
+                      predictor.cfg.features, f"head {head!r}")
         with FeatureSet(work / "features") as features:
             have = features.common_ids(predictor.cfg.features, [c.clip_id for c in ok])
             probs = predictor.predict(features, have) if have else []
