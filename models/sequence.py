@@ -12,7 +12,9 @@ Cost control, so that MER2024-size k-fold (5,030 clips) trains in about a minute
   matrix [D, input_dim] (seeded by `train.seed`; kept in the bundle) before its learnt layers;
   heads without it (`agt`) learn their input projections from the full width.
 - all folds train side by side as the members of one model (models.blocks), as in
-  models.train; the standardised inputs are computed once per fold before training.
+  models.train; projected inputs are computed once per fold before training, unprojected ones
+  are standardised per batch (K full-width copies of 5,030 clips x 8 frames x 1,024-5,120 dims
+  would take gigabytes).
 Results are a models.cv.CVResult (out-of-fold probabilities, test = mean of fold models,
 per-fold train losses), bit-identical on CPU for the same seed. Implements the trainer functions
 of models.registry: `cross_validate`, `bundle_state`, `predictor`.
@@ -127,26 +129,39 @@ class Reduction:
 
     def apply(self, frames: Mapping[str, Frames], rows: slice,
               device: torch.device) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """Inputs [K, n, T, r] (padding zeroed) and masks [K, n, T] for rows of every modality."""
+        """Inputs and masks [K, n, T] for rows of every modality: a projected modality's inputs
+        are standardised per fold, [K, n, T, r] (padding zeroed); an unprojected one's stay raw
+        and shared, [1, n, T, D], standardised per batch by `finish` (K full-width copies of
+        every clip would not fit in memory at MER2024 size)."""
         xs, masks = {}, {}
         for name, fr in frames.items():
             mask = torch.from_numpy(fr.mask[rows]).to(device)
             x = torch.from_numpy(fr.x[rows]).to(device)  # [n, T, D]
-            mean, std = self.mean[name].to(device), self.std[name].to(device)
+            k = self.mean[name].shape[0]
+            masks[name] = mask.unsqueeze(0).expand(k, -1, -1)
             proj = self.projection[name]
             if proj is None:
-                z = (x.unsqueeze(0) - mean[:, None, None]) / std[:, None, None]
-            else:  # ((x - mean) / std) @ P == x @ (P / std) - (mean / std) @ P, per fold
-                proj = proj.to(device)
-                w = proj.unsqueeze(0) / std.unsqueeze(-1)  # [K, D, r]
-                shift = (mean / std) @ proj  # [K, r]
-                n, t, _ = x.shape
-                z = (torch.matmul(x.reshape(1, n * t, -1), w) - shift[:, None]).view(-1, n, t,
-                                                                                     w.shape[2])
-            k = mean.shape[0]
+                xs[name] = x.unsqueeze(0)
+                continue
+            # ((x - mean) / std) @ P == x @ (P / std) - (mean / std) @ P, per fold
+            mean, std = self.mean[name].to(device), self.std[name].to(device)
+            proj = proj.to(device)
+            w = proj.unsqueeze(0) / std.unsqueeze(-1)  # [K, D, r]
+            shift = (mean / std) @ proj  # [K, r]
+            n, t, _ = x.shape
+            z = (torch.matmul(x.reshape(1, n * t, -1), w) - shift[:, None]).view(-1, n, t,
+                                                                                 w.shape[2])
             xs[name] = z * mask.unsqueeze(-1).to(z.dtype)
-            masks[name] = mask.unsqueeze(0).expand(k, -1, -1)
         return xs, masks
+
+    def finish(self, name: str, x: Tensor, mask: Tensor) -> Tensor:
+        """The model input [K, B, T, D]: raw shared frames [1 or K, B, T, D] standardised with
+        each fold's statistics and masked; projected inputs as they are."""
+        if self.projection[name] is not None:
+            return x
+        mean = self.mean[name].to(x.device)[:, None, None]
+        std = self.std[name].to(x.device)[:, None, None]
+        return (x - mean) / std * mask.unsqueeze(-1).to(x.dtype)
 
 
 def fit_reduction(frames: Mapping[str, Frames], parts: list[np.ndarray], input_dim: int,
@@ -215,13 +230,14 @@ def cross_validate(inputs: Mapping[str, Frames], labels: np.ndarray, cfg: Any, t
         torch.manual_seed(train_cfg.seed)
         model = build_model(cfg, reduction.dims(), members=len(parts)).to(device)
         reduced = _reduce_all(reduction, x, device)
-        history = _fit(model, reduced, y, parts, cfg, device, train_cfg.seed, on_epoch)
+        history = _fit(model, reduction, reduced, y, parts, cfg, device, train_cfg.seed,
+                       on_epoch)
         fold_of = held_out_index(splits, n)
         labelled = ({k: v[:, :n] for k, v in reduced[0].items()},
                     {k: v[:, :n] for k, v in reduced[1].items()})
-        oof = _probs(model, [labelled])[fold_of, np.arange(n)]
-        test_probs = (_probs(model, _reduced_chunks(reduction, x_test, device)).mean(axis=0)
-                      if x_test else None)
+        oof = _probs(model, reduction, [labelled])[fold_of, np.arange(n)]
+        test_probs = (_probs(model, reduction, _reduced_chunks(reduction, x_test, device))
+                      .mean(axis=0) if x_test else None)
     return FrameCVResult(oof, fold_of, test_probs, history, _unstack(model, reduction),
                          reduction.projection)
 
@@ -247,7 +263,7 @@ def _checked(frames: Mapping[str, Frames] | None, cfg: Any, what: str,
     return x
 
 
-Reduced = tuple[dict[str, Tensor], dict[str, Tensor]]  # inputs [K, n, T, r], masks [K, n, T]
+Reduced = tuple[dict[str, Tensor], dict[str, Tensor]]  # inputs (Reduction.apply), masks [K, n, T]
 
 
 def _reduced_chunks(reduction: Reduction, frames: Mapping[str, Frames], device: torch.device):
@@ -263,13 +279,14 @@ def _reduce_all(reduction: Reduction, frames: Mapping[str, Frames],
             {n: torch.cat([c[1][n] for c in chunks], dim=1) for n in frames})
 
 
-def _fit(model: nn.Module, reduced: Reduced, y: np.ndarray, parts: list[np.ndarray],
-         cfg: Any, device: torch.device, seed: int,
+def _fit(model: nn.Module, reduction: Reduction, reduced: Reduced, y: np.ndarray,
+         parts: list[np.ndarray], cfg: Any, device: torch.device, seed: int,
          on_epoch: EpochCallback | None) -> list[list[float]]:
     """Fixed-epoch minibatch Adam; member k draws its batches from fold k's train part."""
     xs, masks = reduced
     k, n_rows = len(parts), len(y)
-    flat_x = {n: v.reshape(k * n_rows, *v.shape[2:]) for n, v in xs.items()}  # member-major
+    shared = {n for n, p in reduction.projection.items() if p is None}  # standardised per batch
+    flat_x = {n: v.reshape(v.shape[0] * n_rows, *v.shape[2:]) for n, v in xs.items()}
     mask1 = {n: m[0] for n, m in masks.items()}  # masks do not depend on the fold
     ys = torch.from_numpy(y).to(device)
     weight = fold_class_weights(y, parts, cfg.class_weight).to(device)
@@ -289,9 +306,10 @@ def _fit(model: nn.Module, reduced: Reduced, y: np.ndarray, parts: list[np.ndarr
             batch = idx[:, start:start + cfg.batch_size]  # [K, B]
             b = batch.shape[1]
             rows, flat = batch.reshape(-1), (batch + offset).reshape(-1)
-            x = {name: v.index_select(0, flat).view(k, b, *v.shape[1:])
-                 for name, v in flat_x.items()}
             m = {name: v.index_select(0, rows).view(k, b, -1) for name, v in mask1.items()}
+            x = {name: reduction.finish(name, v.index_select(0, rows if name in shared else flat)
+                                        .view(k, b, *v.shape[1:]), m[name])
+                 for name, v in flat_x.items()}
             logits = model(x, m)  # [K, B, C]
             target = ys.index_select(0, rows).view(k, b)
             nll = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")
@@ -311,15 +329,16 @@ def _fit(model: nn.Module, reduced: Reduced, y: np.ndarray, parts: list[np.ndarr
 
 
 @torch.inference_mode()
-def _probs(model: nn.Module, chunks) -> np.ndarray:
+def _probs(model: nn.Module, reduction: Reduction, chunks) -> np.ndarray:
     """[K, N, C] probabilities of every member over reduced chunks (or one reduced block)."""
     model.eval()
     out = []
     for xs, masks in chunks:
         n = next(iter(xs.values())).shape[1]
         for s in range(0, n, CHUNK):
-            x = {name: v[:, s:s + CHUNK] for name, v in xs.items()}
             m = {name: v[:, s:s + CHUNK] for name, v in masks.items()}
+            x = {name: reduction.finish(name, v[:, s:s + CHUNK], m[name])
+                 for name, v in xs.items()}
             out.append(torch.softmax(model(x, m).float(), dim=-1).cpu().numpy())
     return np.concatenate(out, axis=1)
 
@@ -363,7 +382,8 @@ class FramePredictor:
     def predict_proba(self, frames: Mapping[str, Frames]) -> np.ndarray:
         """[M, C] class probabilities in CLASSES order, mean over the fold models."""
         x = _checked(frames, self.cfg, "frames", self.feature_dims)
-        return _probs(self.model, _reduced_chunks(self.reduction, x, self.device)).mean(axis=0)
+        chunks = _reduced_chunks(self.reduction, x, self.device)
+        return _probs(self.model, self.reduction, chunks).mean(axis=0)
 
 
 def predictor(cfg: Any, feature_dims: Mapping[str, int], state: dict,
