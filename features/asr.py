@@ -17,6 +17,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from features.config import resolve_model_path
+from features.cpu_kernels import pin_ctranslate2
 from features.errors import ClipError, ConfigError, ModelLoadError
 from features.hashcache import sha256_file as sha256_weights
 from features.media import sha256_file
@@ -39,6 +40,9 @@ class AsrConfig:
     # Off: greedy/beam decoding only, so a re-extraction gives the same transcripts (with it on,
     # 9 of the 108 demo clips came out differently between two runs).
     temperature_fallback: bool = False
+    # faster_whisper on CPU: kernels pinned to this ISA, so every x86 machine gives the same
+    # transcripts (features/cpu_kernels.py); "" = each machine's fastest, transcripts may differ.
+    cpu_isa: str = "AVX2"
 
 
 class AsrBackend(Protocol):
@@ -151,6 +155,8 @@ class Transcriber:
 @register("faster_whisper")
 class FasterWhisper:
     def __init__(self, cfg: AsrConfig):
+        if cfg.device != "cuda":
+            pin_ctranslate2(cfg.cpu_isa)  # before CTranslate2 loads: it reads these once
         from faster_whisper import WhisperModel
 
         self.cfg = cfg
@@ -184,7 +190,8 @@ class FasterWhisper:
         return {"backend": "faster_whisper", "model": self.cfg.model,
                 "weights_sha256": sha256_weights(self.weights) if self.weights else "hub:" + self.cfg.model,
                 "language": self.cfg.language, "beam_size": self.cfg.beam_size,
-                "compute_type": self.cfg.compute_type, "faster_whisper": faster_whisper.__version__}
+                "compute_type": self.cfg.compute_type, "cpu_isa": self.cfg.cpu_isa,
+                "faster_whisper": faster_whisper.__version__}
 
 
 # ---------------------------------------------------------------- transformers Whisper
