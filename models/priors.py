@@ -220,3 +220,79 @@ def _checked_priors(p: np.ndarray, what: str) -> np.ndarray:
     if p.shape != (len(CLASSES),) or (p <= 0).any():
         raise ConfigError(f"{what} priors must be {len(CLASSES)} values > 0, got {p.tolist()}.")
     return p / p.sum()
+
+
+# ----------------------------------------------------------------------------- stage
+
+
+def correct_predictions(cfg: PriorsConfig, scored: Mapping[str, Path], clips: list,
+                        unlabelled_dir: str, out_dir: str | os.PathLike,
+                        report_path: str | os.PathLike | None = None) -> dict:
+    """`priors` stage: for each of `cfg.heads` (a name -> predictions.csv of heads and
+    ensembles), estimate or read the target priors and write the corrected
+    `<out_dir>/<name>/predictions.csv` (labelled rows unchanged: they are the out-of-fold
+    scores) and the report (estimated priors; default `<out_dir>/priors.json`)."""
+    from features.reports import write_json_atomic
+    from models.bundles import read_predictions, write_predictions
+    from models.semi import target_groups
+
+    out = Path(out_dir)
+    missing = [h for h in cfg.heads if h not in scored]
+    if missing:
+        raise ConfigError(f"priors.heads: {missing} are not trained heads or ensembles (have "
+                          f"{sorted(scored)}); fix priors.heads.")
+    pool, test = target_groups(clips, unlabelled_dir)
+    group = {c.clip_id: ("pool" if p else "test" if t else "")
+             for c, p, t in zip(clips, pool, test)}
+    report: dict = {"method": cfg.method, "target": cfg.target}
+    given = read_priors(cfg.file) if cfg.method == "file" else None
+    for name in cfg.heads if cfg.method != "none" else []:
+        rows = read_predictions(scored[name])
+        probs = np.array([[float(r[c]) for c in CLASSES] for r in rows]).reshape(-1, len(CLASSES))
+        lab = [i for i, r in enumerate(rows) if r["split"] == "labelled"]
+        other = [i for i, r in enumerate(rows) if r["split"] != "labelled"]
+        tgt = [i for i in other if cfg.target == "all" or group.get(rows[i]["clip_id"]) ==
+               cfg.target]
+        if not tgt:
+            raise ConfigError(f"priors.target={cfg.target!r}: {name} has no such clips (test = "
+                              f"unlabelled videos beside the labelled ones, pool = "
+                              f"prepare.unlabelled); choose another priors.target.")
+        y = np.array([CLASSES.index(rows[i]["label"]) for i in lab], dtype=np.int64)
+        probs[tgt], info = _correct(cfg, probs[lab], y, probs[tgt], given)
+        (out / name).mkdir(parents=True, exist_ok=True)
+        write_predictions(out / name / "predictions.csv", [_Row(rows[i]) for i in lab],
+                          probs[lab], np.array([int(rows[i]["fold"]) for i in lab]),
+                          [_Row(rows[i]) for i in other], probs[other])
+        report[name] = {**info, "clips": len(tgt)}
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(Path(report_path) if report_path else out / "priors.json", report)
+    return report
+
+
+def _correct(cfg: PriorsConfig, oof: np.ndarray, y: np.ndarray, target: np.ndarray,
+             given: np.ndarray | None) -> tuple[np.ndarray, dict]:
+    info: dict = {}
+    if cfg.calibrate:
+        cal = fit_calibration(oof, y)
+        target, source = cal.apply(target), source_priors("labels", y)
+        info["calibration"] = {"temperature": round(cal.temperature, 4),
+                               "bias": cal.bias.round(4).tolist()}
+    else:
+        source = source_priors(cfg.source, y)
+    if given is None:
+        est = em_priors(target, source, cfg.max_iter, cfg.tol)
+        given = est.priors
+        info.update(iterations=est.iterations, converged=est.converged)
+    info.update(source=as_mapping(source), priors=as_mapping(given))
+    return adjust(target, source, given), info
+
+
+@dataclass
+class _Row:
+    """A predictions.csv row as the object write_predictions expects."""
+
+    clip_id: str
+    label: str
+
+    def __init__(self, row: Mapping[str, str]):
+        self.clip_id, self.label = row["clip_id"], row["label"]

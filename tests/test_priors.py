@@ -105,3 +105,39 @@ def test_calibration_then_em_beats_em_on_miscalibrated_posteriors():
     assert abs(cal.temperature - 2.0) < 0.2  # undoes the 0.5 temperature
     assert np.abs(fixed - planted).max() < 0.01  # 0.002 measured; EM alone: 0.019
     assert np.abs(fixed - planted).sum() < 0.5 * np.abs(plain - planted).sum()
+
+
+def test_priors_stage_corrects_only_the_target_rows(tmp_path):
+    from features.manifest import Clip
+    from models.bundles import read_predictions, write_predictions
+    from models.priors import correct_predictions
+
+    labelled_p = np.full(C, 1 / C)
+    planted = np.array([0.05, 0.5, 0.05, 0.3, 0.05, 0.05])
+    oof, y = bayes_posteriors(3000, labelled_p, labelled_p, seed=5, sep=1.0)
+    test, yt = bayes_posteriors(3000, planted, labelled_p, seed=6, sep=1.0)
+    (tmp_path / "pool").mkdir()
+    mk = lambda i, lab, where: Clip(f"c{i}", str(tmp_path / where / f"c{i}.mp4"), 1, "x", 1.0,
+                                    lab, i % 5 if lab else -1, "labelled" if lab else "unlabelled")
+    lab = [mk(i, CLASSES[v], "videos") for i, v in enumerate(y)]
+    tst = [mk(3000 + i, "", "videos") for i in range(len(yt))]
+    pool = [mk(9000 + i, "", "pool") for i in range(5)]
+    (tmp_path / "h").mkdir()
+    write_predictions(tmp_path / "h" / "predictions.csv", lab, oof, np.array([c.fold for c in lab]),
+                      tst + pool, np.concatenate([test, np.full((5, C), 1 / C)]))
+    cfg = PriorsConfig(method="em", heads=["h"], target="test")
+    info = correct_predictions(cfg, {"h": tmp_path / "h" / "predictions.csv"}, lab + tst + pool,
+                               str(tmp_path / "pool"), tmp_path / "out")
+    est = np.array([info["h"]["priors"][c] for c in CLASSES])
+    assert np.abs(est - planted).max() < 0.03 and info["h"]["clips"] == 3000
+    rows = read_predictions(tmp_path / "out" / "h" / "predictions.csv")
+    probs = np.array([[float(r[c]) for c in CLASSES] for r in rows])
+    np.testing.assert_allclose(probs[:3000], oof, atol=1e-6)  # out-of-fold rows unchanged
+    np.testing.assert_allclose(probs[-5:], 1 / C, atol=1e-6)  # pool rows: not the target
+    assert (probs[3000:6000].argmax(1) == yt).mean() > (test.argmax(1) == yt).mean() + 0.03
+    assert json.loads((tmp_path / "out" / "priors.json").read_text())["method"] == "em"
+    with pytest.raises(ConfigError, match="priors.heads"):
+        correct_predictions(PriorsConfig(method="em", heads=["x"]), {}, [], "", tmp_path / "o2")
+    none = correct_predictions(PriorsConfig(heads=["h"]), {"h": tmp_path / "h" / "predictions.csv"},
+                               lab, "", tmp_path / "o3")
+    assert none == {"method": "none", "target": "test"} and not (tmp_path / "o3" / "h").exists()

@@ -1,5 +1,6 @@
 """Pseudo-label selection, thresholds, caps, voting, self-training rounds and their leakage rules."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -275,3 +276,94 @@ def test_bad_settings_fail_before_any_training(tmp_path, change, words):
     with pytest.raises(ConfigError, match=words):
         do_round(tmp_path, "base", semi_config(section), train)
     assert not (tmp_path / "semi").exists()  # nothing trained, nothing written
+
+
+# ------------------------------------------------------------------ the DAG in dvc.yaml
+
+FAKE_ROUND = '''
+import argparse, json, pathlib, yaml
+p = argparse.ArgumentParser()
+p.add_argument("round")
+for a in ("--after", "--manifest", "--features", "--probe", "--out"):
+    p.add_argument(a, default="")
+a = p.parse_args()
+semi = yaml.safe_load(open("params.yaml"))["semi"]
+prev = json.loads((pathlib.Path(a.after) / "round.json").read_text()) if a.after else None
+out = pathlib.Path(a.out)
+out.mkdir(parents=True, exist_ok=True)
+(out / "round.json").write_text(json.dumps({"round": a.round, "after": prev,
+                                            "settings": semi["rounds"].get(a.round)}))
+'''
+FAKE_REPORT = '''
+import json, pathlib
+out = pathlib.Path("results/semi")
+(out / "plots").mkdir(parents=True, exist_ok=True)
+rounds = sorted(p.name for p in pathlib.Path("artifacts/semi").iterdir())
+(out / "metrics.json").write_text(json.dumps({"rounds": rounds}))
+(out / "plots" / "h.json").write_text(json.dumps([{"step": i, "weighted_f1": 0.5}
+                                                  for i, _ in enumerate(rounds)]))
+(out / "gain.json").write_text(json.dumps([{"step": i, "neutral": 1, "angry": 0, "happy": 0,
+    "sad": 0, "worried": 0, "surprise": 0} for i, _ in enumerate(rounds)]))
+'''
+
+
+def _dvc(project, *args):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "PYTHONPATH": str(project)}
+    out = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
+def _ran(project) -> set[str]:
+    import re
+    return set(re.findall(r"Running stage '([^']+)'", _dvc(project, "repro")))
+
+
+@pytest.mark.slow
+def test_adding_or_changing_a_round_reruns_only_it_and_what_follows(tmp_path):
+    """The semi stages of the real dvc.yaml, on fake stage modules in a tiny DVC project."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    real = yaml.safe_load((root / "dvc.yaml").read_text())
+    stages = {k: real["stages"][k] for k in ("semi_base", "semi", "semi_report")}
+    for spec in stages.values():  # every dependency except the rounds' own outputs exists
+        for dep in (spec.get("do", spec))["deps"]:
+            if "${" in dep or dep.startswith("artifacts/semi"):
+                continue
+            path = tmp_path / dep
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if "." in path.name:
+                path.write_text("x")
+            else:
+                path.mkdir(exist_ok=True)
+                (path / "x").write_text("x")
+    (tmp_path / "stages" / "__init__.py").write_text("")
+    (tmp_path / "stages" / "semi.py").write_text(FAKE_ROUND)
+    (tmp_path / "stages" / "semi_report.py").write_text(FAKE_REPORT)
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages,
+                                                      "plots": real["plots"]}))
+    params = {"prepare": {"unlabelled": "pool"},
+              "train": {"seed": 0, "device": "cpu", "heads": {"h": {"type": "probe"}}},
+              "semi": {"enabled": True, "heads": ["h"], "transductive": False,
+                       "rounds": {"r1": {"after": "base", "default_threshold": 0.9},
+                                  "r2": {"after": "r1", "rule": "vote", "k": 1}}}}
+    write = lambda: (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    write()
+    _dvc(tmp_path, "init", "--no-scm", "-q")
+    assert _ran(tmp_path) == {"semi_base", "semi@r1", "semi@r2", "semi_report"}
+    assert _ran(tmp_path) == set()
+    params["semi"]["rounds"]["r3"] = {"after": "r2", "default_threshold": 0.95}  # a new round
+    write()
+    assert _ran(tmp_path) == {"semi@r3", "semi_report"}
+    params["semi"]["rounds"]["r2"]["k"] = 2  # change round 2: it and round 3 rerun
+    write()
+    assert _ran(tmp_path) == {"semi@r2", "semi@r3", "semi_report"}
+    shown = json.loads(_dvc(tmp_path, "plots", "show", "--json"))
+    assert any("gain.json" in k for k in shown) and any("plots" in k for k in shown)

@@ -1,0 +1,24 @@
+"""DVC stage `align`: visual features mapped into the acoustic space, written as a feature store."""
+import json
+
+from features.config import from_section
+from models.align import AlignConfig, align_store
+from stages.common import load_params, parser, run, setup
+
+
+def main(argv=None) -> None:
+    p = parser(__doc__)
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--features", required=True, help="folder of embedding stores")
+    p.add_argument("--out", required=True, help="the aligned store (artifacts/features/<name>)")
+    args = p.parse_args(argv)
+    setup()
+    cfg = from_section(AlignConfig, load_params("align", args.params), "align")
+    unlabelled = load_params("prepare", args.params).get("unlabelled", "")
+    info = align_store(cfg, args.manifest, args.features, unlabelled, args.out)
+    print(json.dumps({k: info[k] for k in ("fit_clips", "clips", "transductive")} |
+                     {"holdout_r2": info.get("holdout_r2")}))
+
+
+if __name__ == "__main__":
+    run(main)
