@@ -147,5 +147,7 @@ def test_a_failed_rank_keeps_its_work_and_the_rerun_finishes(jobs, tmp_path):
         embed_store("bert", EncoderConfig(**cfg), src, single, workers=0)
     ids, keys, meta, pooled, _ = _contents(single)
     s_ids, s_keys, s_meta, s_pooled, _ = _contents(out)
-    assert (s_ids, s_keys, s_meta) == (ids, keys, meta)
-    np.testing.assert_allclose(s_pooled, pooled, atol=2e-3, rtol=2e-3)
+    # Same clips, keys and values; the order is the order work was committed in (rank 0's first).
+    assert (sorted(s_ids), s_keys, s_meta) == (sorted(ids), keys, meta)
+    order = [s_ids.index(cid) for cid in ids]
+    np.testing.assert_allclose(s_pooled[order], pooled, atol=2e-3, rtol=2e-3)
