@@ -192,3 +192,35 @@ def test_clean_condition_is_the_original_files(corpus, tmp_path):
     assert all(r.path == src[r.clip_id.split("__")[0]].path and r.sha256 == src[r.clip_id.split("__")[0]].sha256
                for r in rows) and len(rows) == 5
     assert not os.listdir(tmp_path / "videos") if (tmp_path / "videos").exists() else True
+
+
+def test_report_gathers_conditions_into_metrics_and_plot_rows(tmp_path):
+    from models.noise_eval import CLEAN_PLOT_DB, report
+    from features.reports import write_json_atomic
+
+    def scores(snr, noise, f1_none, f1_dfn, wer_none):
+        return {"snr_db": snr, "noise": noise, "clips": 24,
+                "wf1": {"attention": {"none": {"wf1": f1_none, "n": 24}, "deepfilternet": {"wf1": f1_dfn, "n": 24}}},
+                "wer": {"none": wer_none, "deepfilternet+enh": wer_none / 2}}
+    write_json_atomic(tmp_path / "s/clean/scores.json", scores(None, "none", 0.5, 0.5, 0.1))
+    write_json_atomic(tmp_path / "s/b0/scores.json", scores(0.0, "babble", 0.2, 0.3, 0.6))
+    metrics = report(tmp_path / "s", ["clean", "b0"], tmp_path / "out")
+    assert metrics["b0"]["wf1"] == {"attention": {"none": 0.2, "deepfilternet": 0.3}}
+    assert metrics["b0"]["wer"] == {"none": 0.6, "deepfilternet+enh": 0.3}
+    rows = json.loads((tmp_path / "out/wf1.json").read_text())
+    assert {(r["series"], r["snr_db"], r["wf1"]) for r in rows} == {
+        ("attention/none", CLEAN_PLOT_DB, 0.5), ("attention/none", 0.0, 0.2),
+        ("attention/deepfilternet", CLEAN_PLOT_DB, 0.5), ("attention/deepfilternet", 0.0, 0.3)}
+    assert (tmp_path / "out/wf1_vs_snr.png").stat().st_size > 1000
+    assert len(json.loads((tmp_path / "out/wer.json").read_text())) == 4
+
+
+def test_wer_of_copies_is_scored_against_their_source_clip(tmp_path):
+    from features.reports import write_json_atomic
+    from models.noise_eval import _wers
+
+    write_json_atomic(tmp_path / "t.json", {"transcripts": {"a__n": {"text": "call me now"},
+                                                            "b__n": {"text": "hello"}}})
+    lineage = [{"clip_id": "a__n", "source_id": "a"}, {"clip_id": "b__n", "source_id": "b"}]
+    assert _wers({"none": tmp_path / "t.json"}, {"a": "Call me now.", "b": "Hello there"}, lineage) == \
+        {"none": round(1 / 5, 4)}

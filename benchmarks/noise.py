@@ -1,0 +1,129 @@
+"""Benchmark: noise robustness on the demo (WER and weighted F1 per condition and variant) and
+denoiser speed per hour of audio on CPU.
+
+    python benchmarks/noise.py [--params params.yaml] [--seconds 10] [--skip-eval] [--skip-speed]
+
+Evaluation: every `noise.conditions` entry through `models.noise_eval.run_condition` (the
+`noise@<condition>` stage function) against the heads in artifacts/heads, so run `dvc repro` first;
+its stores are caches, so after `dvc repro` this only re-reads them. Summary: `wer` and `wf1`, each
+{condition: {variant: value}}; variants are the denoise backends, `<backend>+enh` with ASR
+enhancement; `wf1` is the main head's (evaluate.main_head), every head is in the results.
+
+Speed: DeepFilterNet3 (real weights) and both MossFormer2 variants at their released sizes
+(MossFormer2_SE_48K: 512 channels x 24 blocks, 55 M parameters; the 8 kHz separator: ModelScope's
+defaults, 512 x 24) with RANDOM weights of the real architecture (no MossFormer2 weights can be
+downloaded here: the speed of a network does not depend on its weight values), loaded through
+the same denoiser classes users run, on `--seconds` of speech-like audio; ratios against
+DeepFilterNet measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, save, timer  # noqa: E402
+
+import numpy as np  # noqa: E402
+import yaml  # noqa: E402
+
+from features.config import from_section  # noqa: E402
+from features.denoise import MOSSFORMER_CONFIG, MOSSFORMER_WEIGHTS, SE_POINTER, DenoiseConfig, make_denoiser  # noqa: E402
+from features.noisy_copies import NoiseConfig  # noqa: E402
+from features.testing import speech_like  # noqa: E402
+
+
+def evaluate(params_path: Path) -> tuple[dict, dict]:
+    from models.noise_eval import run_condition
+
+    params = yaml.safe_load(params_path.read_text())
+    cfg = from_section(NoiseConfig, params["noise"], "noise")
+    main = params.get("evaluate", {}).get("main_head") or cfg.heads[0]
+    results, wer, wf1 = {}, {}, {}
+    for name in cfg.conditions:
+        with timer() as t:
+            res = run_condition(name, cfg, params, ROOT / "artifacts/prepare/manifest.csv", ROOT / "artifacts/heads",
+                                ROOT / "artifacts/noise" / name)
+        results[name] = {**res, "seconds": round(t["s"], 1)}
+        wer[name] = res["wer"]
+        wf1[name] = {v: r["wf1"] for v, r in res["wf1"].get(main, {}).items()}
+    return results, {"wer": wer, "wf1": wf1, "wf1_head": main}
+
+
+def _save_se(folder: Path) -> Path:
+    import torch
+
+    from features.mossformer2 import SEConfig, build_se_model
+
+    folder.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save({"model": build_se_model(SEConfig()).state_dict()}, folder / "last_best_checkpoint.pt")
+    (folder / SE_POINTER).write_text("last_best_checkpoint.pt\n")
+    return folder
+
+
+def _save_separator(folder: Path) -> Path:
+    import torch
+    from modelscope.models import Model
+
+    folder.mkdir(parents=True)
+    (folder / MOSSFORMER_CONFIG).write_text(json.dumps({"framework": "pytorch", "task": "speech-separation",
+                                                        "model": {"type": "speech_mossformer2_separation_temporal_8k",
+                                                                  "num_spks": 2}}))
+    torch.manual_seed(0)
+    torch.save(Model.from_pretrained(str(folder)).state_dict(), folder / MOSSFORMER_WEIGHTS)
+    return folder
+
+
+def speed(seconds: float) -> tuple[dict, dict]:
+    import torch
+
+    wav = speech_like(seconds, seed=0)
+    out = {}
+    with tempfile.TemporaryDirectory() as td:
+        makers = {"deepfilternet": lambda: DenoiseConfig(backend="deepfilternet"),
+                  "mossformer2_se_48k": lambda: DenoiseConfig(backend="mossformer2",
+                                                              model=str(_save_se(Path(td) / "se"))),
+                  "mossformer2_sep_8k": lambda: DenoiseConfig(backend="mossformer2",
+                                                              model=str(_save_separator(Path(td) / "sep")))}
+        for name, make in makers.items():
+            den = make_denoiser(make())
+            net = getattr(den, "model", None)
+            params = sum(p.numel() for p in net.parameters()) if hasattr(net, "parameters") else None
+            den.process(wav[:16000])  # warm-up
+            start = time.perf_counter()
+            den.process(wav)
+            took = time.perf_counter() - start
+            den.close()
+            out[name] = {"seconds_audio": seconds, "seconds": round(took, 2), "params": params,
+                         "cpu_hours_per_hour_audio": round(took / seconds, 3),
+                         "weights": "real" if name == "deepfilternet" else "random (real architecture)"}
+    base = out["deepfilternet"]["seconds"]
+    for r in out.values():
+        r["x_deepfilternet"] = round(r["seconds"] / base, 2)
+    return out, {n: {"cpu_s_per_hour_audio": round(r["cpu_hours_per_hour_audio"] * 3600),
+                     "x_deepfilternet": r["x_deepfilternet"]} for n, r in out.items()} | \
+        {"torch_threads": torch.get_num_threads()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--params", default=str(ROOT / "params.yaml"))
+    p.add_argument("--seconds", type=float, default=10.0, help="audio per denoiser speed run")
+    p.add_argument("--skip-eval", action="store_true")
+    p.add_argument("--skip-speed", action="store_true")
+    args = p.parse_args()
+    results, summary = {}, {}
+    if not args.skip_eval:
+        results["evaluation"], summary = evaluate(Path(args.params))
+    if not args.skip_speed:
+        results["speed"], summary["denoise_speed_cpu"] = speed(args.seconds)
+    save("noise", results, summary)
+
+
+if __name__ == "__main__":
+    main()
