@@ -1,4 +1,5 @@
 """dvc.yaml lists every project module a stage runs as a dependency (derived, not hand-kept)."""
+import functools
 import re
 from pathlib import Path
 
@@ -15,7 +16,8 @@ def _stages() -> dict[str, dict]:
     return {name: spec.get("do", spec) for name, spec in stages.items()}
 
 
-def imported_files(module: str) -> set[str]:
+@functools.lru_cache(maxsize=None)
+def imported_files(module: str) -> frozenset[str]:
     """The source files of `module` and every project module it imports, transitively."""
     todo, seen = [module], set()
     while todo:
@@ -23,7 +25,7 @@ def imported_files(module: str) -> set[str]:
         if name not in seen:
             seen.add(name)
             todo.extend(versions.project_imports(name) - seen)
-    return {str(versions.module_file(m).relative_to(versions.ROOT)) for m in seen}
+    return frozenset(str(versions.module_file(m).relative_to(versions.ROOT)) for m in seen)
 
 
 def missing_deps(spec: dict) -> list[str]:

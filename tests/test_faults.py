@@ -97,6 +97,7 @@ distributed.merge(Path(sys.argv[1]), "embedding", {"compression": None, "shard_m
 """
 
 
+@pytest.mark.slow  # two processes importing torch
 def test_a_hard_exit_mid_merge_then_a_rerun_equals_a_clean_merge(tmp_path):
     from features import distributed
     from features.store import StoreUpdate, clip_key
