@@ -66,12 +66,17 @@ def make_transcriber(cfg: AsrConfig) -> Transcriber:
     """The configured transcriber. Without a transcripts CSV the ASR model loads now (errors
     surface before any clip); with one it loads when a clip without a user transcript comes
     along, so a complete CSV needs no ASR model at all."""
+    factory = _factory(cfg)
+    user = load_transcripts_csv(cfg.transcripts_csv, cfg.language) if cfg.transcripts_csv else {}
+    return Transcriber(cfg, user, factory, load_now=not cfg.transcripts_csv)
+
+
+def _factory(cfg: AsrConfig) -> Callable[[AsrConfig], AsrBackend]:
     factory = _BACKENDS.get(cfg.backend)
     if factory is None:
         raise ConfigError(f"asr.backend: unknown backend {cfg.backend!r}; known backends are "
                           f"{sorted(_BACKENDS)}. Fix params.yaml.")
-    user = load_transcripts_csv(cfg.transcripts_csv, cfg.language) if cfg.transcripts_csv else {}
-    return Transcriber(cfg, user, factory, load_now=not cfg.transcripts_csv)
+    return factory
 
 
 def _clean(text: str) -> str:
@@ -271,11 +276,7 @@ class Hypothesis:
 
 def load_backend(cfg: AsrConfig) -> AsrBackend:
     """The ASR model itself (no user CSV), e.g. to score hypotheses."""
-    factory = _BACKENDS.get(cfg.backend)
-    if factory is None:
-        raise ConfigError(f"asr.backend: unknown backend {cfg.backend!r}; known backends are "
-                          f"{sorted(_BACKENDS)}. Fix params.yaml.")
-    return factory(cfg)
+    return _factory(cfg)(cfg)
 
 
 def transcribe_scored(backend: AsrBackend, wav16k: np.ndarray, clip_id: str, source: str = "") -> Hypothesis:
