@@ -28,7 +28,6 @@ from features.store import StoreReader, StoreUpdate, clip_key
 INPUT_KIND = {"speech": "audio", "vision": "faces"}
 # Settings that change how shards are written or where inputs come from, never the numbers.
 LAYOUT_ONLY = ("input", "store_dtype", "compression", "shard_mb")
-PACKAGES = ("torch", "transformers", "tokenizers", "gguf")  # they interpret the model's files
 
 
 def store_dtype(cfg: EncoderConfig) -> np.dtype:
@@ -118,7 +117,10 @@ def _sources(cfg: EncoderConfig) -> str | None:
         runtime = runtime_facts(cfg)
     settings = {k: v for k, v in vars(cfg).items() if k not in LAYOUT_ONLY}
     code = sorted(versions.module_file(m) for m in versions.code_modules("embed"))
-    return source_key({**settings, "code": CODE_VERSION}, cfg.model, PACKAGES, code, runtime)
+    # The packages in the clip keys' fingerprint (versions.fingerprint): a remembered fingerprint
+    # is reused only while none of them changed.
+    return source_key({**settings, "code": CODE_VERSION}, cfg.model,
+                      versions.STAGE_PACKAGES["embed"], code, runtime)
 
 
 def _cached_meta(cfg: EncoderConfig, out: Path, keys: dict, dtype: np.dtype) -> dict | None:
