@@ -150,7 +150,7 @@ def make_copies(manifest: str | os.PathLike, name: str, cfg: NoiseConfig,
                          "size": path.stat().st_size, "recipe": asdict(recipe)}
     save = lambda: write_json_atomic(out / COPIES, {"copies": {copy_id(c, name): v for c, v in done.items()}})  # noqa: E731
     for_each_clip(((c.clip_id, c) for c in todo), work, failures, f"noise@{name}", total=len(todo),
-                  checkpoint=save)
+                  checkpoint=save, reused=len(done))
     save()
     _drop_stale(out / VIDEOS, {Path(v["path"]).name for v in done.values()})
     failures.write(out / "failures.json")

@@ -142,7 +142,7 @@ def scored_transcripts(store: Path, cfg: AsrConfig, out: Path) -> dict[str, Hypo
             hyps[cid] = {**asdict(transcribe_scored(backend, src.get(cid), cid, out.name)), "key": keys[cid]}
         save = lambda: write_json_atomic(path, {"hypotheses": hyps})  # noqa: E731
         for_each_clip(((c, None) for c in todo), work, failures, f"asr[{out.name}]", total=len(todo),
-                      checkpoint=save)
+                      checkpoint=save, reused=len(hyps))
     save()
     failures.write(out / "failures.json")
     return {cid: Hypothesis(h["text"], h["avg_logprob"], h["source"]) for cid, h in hyps.items()}

@@ -129,6 +129,9 @@ def test_copies_are_clips_with_lineage_and_a_failed_clip_is_recorded(corpus, tmp
     assert lineage[0]["source_id"] == "c0" and lineage[0]["noise_sources"].endswith("n1.wav")
     fails = json.loads((tmp_path / "m/failures.json").read_text())["failures"]
     assert [(f["clip_id"], f["reason"]) for f in fails] == [("mute", "no_audio")]
+    make_copies(corpus / "manifest.csv", "musan", cfg, tmp_path / "m")  # only the bad clip to retry: no crash
+    fails = json.loads((tmp_path / "m/failures.json").read_text())["failures"]
+    assert [(f["clip_id"], f["reason"]) for f in fails] == [("mute", "no_audio")]
     clean = load_audio(corpus / "c0.mp4", "c0")
     noisy = load_audio(manifest[0].path, "c0__musan")
     assert abs(len(noisy) - len(clean)) < 2000  # aac priming/padding
