@@ -187,15 +187,23 @@ class Adapter(nn.Module):
         dim = int(getattr(stack.config, "hidden_size", 0) or stack.config.d_model)
         self.classifier = nn.Linear(dim, n_classes)
 
-    def states(self, h: Tensor, mask: Tensor, checkpoint: bool = False) -> list[Tensor]:
-        """Adapted hidden states first..last from the cached hidden state first-1 `h`."""
-        return run_blocks(self.stack, self.blocks, self.final_norm, h, mask, checkpoint)
+    def collate(self, items: Sequence[np.ndarray], device: torch.device,
+                rng: np.random.Generator | None = None, max_frames: int = 0) -> tuple[Tensor, Tensor]:
+        """Cached prefix frames [T_i, D] -> a padded batch (training crops to max_frames)."""
+        if rng is not None:
+            items = [crop(f, max_frames, rng) for f in items]
+        return pad(items, device)
+
+    def states(self, h: Tensor, mask: Tensor, checkpoint: bool = False) -> tuple[list[Tensor], Tensor]:
+        """Adapted hidden states first..last from the cached hidden state first-1 `h`, and the mask."""
+        return run_blocks(self.stack, self.blocks, self.final_norm, h, mask, checkpoint), mask
 
     def pooled(self, h: Tensor, mask: Tensor) -> Tensor:
         return pool(h, mask, self.pooling)
 
-    def forward(self, h: Tensor, mask: Tensor, checkpoint: bool = False) -> Tensor:
-        return self.classifier(self.pooled(self.states(h, mask, checkpoint)[-1], mask))
+    def forward(self, *batch: Tensor, checkpoint: bool = False) -> Tensor:
+        states, mask = self.states(*batch, checkpoint=checkpoint)
+        return self.classifier(self.pooled(states[-1], mask))
 
     def trainable(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -290,9 +298,9 @@ def train_adapter(adapter: Adapter, frames: Sequence[np.ndarray], y: np.ndarray,
         order, total = rng.permutation(len(frames)), 0.0
         for start in range(0, len(order), cfg.batch_size):
             rows = order[start : start + cfg.batch_size]
-            x, mask = pad([crop(frames[r], cfg.max_frames, rng) for r in rows], device)
+            batch = adapter.collate([frames[r] for r in rows], device, rng, cfg.max_frames)
             with autocast(device, cfg.dtype):
-                logits = adapter(x, mask, cfg.gradient_checkpointing)
+                logits = adapter(*batch, checkpoint=cfg.gradient_checkpointing)
             loss = loss_fn(logits.float(), torch.from_numpy(y[rows]).to(device))
             opt.zero_grad()
             loss.backward()
@@ -304,18 +312,21 @@ def train_adapter(adapter: Adapter, frames: Sequence[np.ndarray], y: np.ndarray,
     return losses
 
 
+def size(item: Any) -> int:
+    return sum(len(part) for part in item) if isinstance(item, tuple) else len(item)
+
+
 @torch.no_grad()
 def adapted_features(adapter: Adapter, frames: Sequence[np.ndarray], cfg: AdaptConfig,
                      device: torch.device) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
     """Per clip: pooled adapted states [n_adapted, D], last-layer frames [T, D], class probabilities."""
     adapter.train(False)
     pooled, last, probs = [], [], []
-    order = sorted(range(len(frames)), key=lambda i: len(frames[i]))  # little padding
+    order = sorted(range(len(frames)), key=lambda i: size(frames[i]))  # little padding
     for start in range(0, len(order), cfg.batch_size):
         rows = order[start : start + cfg.batch_size]
-        x, mask = pad([frames[r] for r in rows], device)
         with autocast(device, cfg.dtype):
-            states = adapter.states(x, mask)
+            states, mask = adapter.states(*adapter.collate([frames[r] for r in rows], device))
         states = [s.float() for s in states]
         vec = torch.stack([adapter.pooled(s, mask) for s in states], dim=1)
         p = torch.softmax(adapter.classifier(vec[:, -1]), -1)

@@ -94,7 +94,7 @@ def adapt_store(name: str, cfg: AdaptConfig, enc_cfg: EncoderConfig, manifest: s
             print(f"[adapt {name}] {len(ids)} clips ({len(labelled)} labelled): {up.reused} cached, "
                   f"{len(up.todo)} to write; layers {first}..{last} from cached layer {first - 1}")
             if not up.todo:
-                return _read_report(out_dir)
+                return read_report(out_dir)
             frames = {cid: reader.get(cid)[k] for cid in ids}
             result = adapt_features(stack, base_model(encoder), first, last, cfg, frames, labels, folds, device)
             for cid in up.todo:
@@ -117,7 +117,7 @@ def adapt_store(name: str, cfg: AdaptConfig, enc_cfg: EncoderConfig, manifest: s
     return report
 
 
-def _read_report(out_dir: Path) -> dict:
+def read_report(out_dir: Path) -> dict:
     path = out_dir / "report.json"
     if path.is_file():
         return json.loads(path.read_text())
