@@ -42,8 +42,10 @@ class Prediction:
 
 
 def predict_videos(videos: list[str], params: Mapping, heads_dir: str | os.PathLike, head: str,
-                   work_dir: str | os.PathLike = "artifacts/predict") -> list[Prediction]:
-    """One Prediction per video, in order; stage progress goes to stderr."""
+                   work_dir: str | os.PathLike = "artifacts/predict",
+                   priors: str = "") -> list[Prediction]:
+    """One Prediction per video, in order; stage progress goes to stderr. `priors`: "em" or a
+    priors file: prior-shift correction of the probabilities (models.priors.reweight)."""
     work = Path(work_dir)
     predictor = trained_head(Path(heads_dir) / head)
     preds, clips = _describe_all(videos)
@@ -59,6 +61,11 @@ def predict_videos(videos: list[str], params: Mapping, heads_dir: str | os.PathL
         with FeatureSet(work / "features") as features:
             have = features.common_ids(predictor.cfg.features, [c.clip_id for c in ok])
             probs = predictor.predict(features, have) if have else []
+        if priors and have:
+            from models.priors import reweight
+            probs, info = reweight(probs, priors, Path(heads_dir) / head / "predictions.csv")
+            print(f"priors ({info['method']} over {len(have)} clips): {info['priors']}",
+                  file=sys.stderr)
         by_id = dict(zip(have, probs))
         for pred in preds:
             if pred.clip_id in by_id:

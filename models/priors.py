@@ -296,3 +296,18 @@ class _Row:
 
     def __init__(self, row: Mapping[str, str]):
         self.clip_id, self.label = row["clip_id"], row["label"]
+
+
+def reweight(probs: np.ndarray, spec: str, head_predictions: str | os.PathLike,
+             calibrate: bool = True) -> tuple[np.ndarray, dict]:
+    """`mer predict --priors em|FILE`: posteriors of new clips corrected to the priors EM
+    estimates on them (`em`) or to the priors in FILE; BCTS is fitted on the head's own
+    out-of-fold predictions (its predictions.csv) first."""
+    from models.bundles import labelled_probs
+
+    cfg = PriorsConfig(method="em" if spec == "em" else "file", file="" if spec == "em" else spec,
+                       calibrate=calibrate)
+    y, oof = labelled_probs(head_predictions)
+    given = read_priors(cfg.file) if cfg.method == "file" else None
+    fixed, info = _correct(cfg, oof, y, np.asarray(probs, dtype=np.float64), given)
+    return fixed, {"method": cfg.method, **info}

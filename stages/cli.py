@@ -6,7 +6,8 @@
     mer store prune artifacts                    delete clips stores keep after they left the input
     mer store export STORE --format mertools|npz|parquet [--layers last4] [--level utterance] OUT
     mer status [--json]                          clips per stage: done / failed / pending / blocked
-    mer predict VIDEO [VIDEO...] [--head H] [--json]   emotion + class probabilities per video
+    mer predict VIDEO [VIDEO...] [--head H] [--json] [--priors em|FILE]   emotion + class
+                                                 probabilities per video
     mer metrics [results/metrics.json]           one line per head: weighted F1, accuracy, macro F1
 """
 from __future__ import annotations
@@ -126,10 +127,12 @@ def _predict(argv: list[str]) -> int:
     p.add_argument("--heads", default="artifacts/heads", help="folder of trained heads")
     p.add_argument("--work", default="artifacts/predict", help="cache folder for the new clips")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--priors", default="", help="prior-shift correction: 'em' (priors estimated "
+                   "on these videos; use many) or a JSON/CSV file of class priors")
     args = p.parse_args(argv)
     params = yaml.safe_load(open(args.params))
     head = args.head or params.get("evaluate", {}).get("main_head", "")
-    preds = predict_videos(args.videos, params, args.heads, head, args.work)
+    preds = predict_videos(args.videos, params, args.heads, head, args.work, args.priors)
     if args.json:
         print(json.dumps([{k: v for k, v in asdict(r).items() if v != "" and v != {}}
                           for r in preds], indent=1))

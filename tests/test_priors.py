@@ -141,3 +141,28 @@ def test_priors_stage_corrects_only_the_target_rows(tmp_path):
     none = correct_predictions(PriorsConfig(heads=["h"]), {"h": tmp_path / "h" / "predictions.csv"},
                                lab, "", tmp_path / "o3")
     assert none == {"method": "none", "target": "test"} and not (tmp_path / "o3" / "h").exists()
+
+
+def test_reweight_for_mer_predict_em_and_file(tmp_path):
+    """`mer predict --priors em|FILE`: BCTS from the head's predictions.csv, then EM or FILE."""
+    from features.manifest import Clip
+    from models.bundles import write_predictions
+    from models.priors import reweight
+
+    flat = np.full(C, 1 / C)
+    planted = np.array([0.5, 0.1, 0.1, 0.1, 0.1, 0.1])
+    oof, y = bayes_posteriors(3000, flat, flat, seed=7)
+    new, y_new = bayes_posteriors(2000, planted, flat, seed=8)
+    lab = [Clip(f"c{i}", "v.mp4", 1, "x", 1.0, CLASSES[v], i % 5, "labelled")
+           for i, v in enumerate(y)]
+    write_predictions(tmp_path / "predictions.csv", lab, oof, np.array([c.fold for c in lab]),
+                      [], None)
+    fixed, info = reweight(new, "em", tmp_path / "predictions.csv")
+    est = np.array([info["priors"][c] for c in CLASSES])
+    assert info["method"] == "em" and np.abs(est - planted).max() < 0.03
+    assert (fixed.argmax(1) == y_new).mean() > (new.argmax(1) == y_new).mean()
+    (tmp_path / "p.json").write_text(json.dumps(dict(zip(CLASSES, planted.tolist()))))
+    fixed, info = reweight(new, str(tmp_path / "p.json"), tmp_path / "predictions.csv")
+    assert info["method"] == "file" and info["priors"]["neutral"] == 0.5
+    with pytest.raises(ConfigError, match="does not exist"):
+        reweight(new, "nofile.json", tmp_path / "predictions.csv")
