@@ -20,6 +20,7 @@ from typing import Mapping
 import torch
 import torch.distributed as torch_dist
 
+from features.cachekeys import still_to_do  # noqa: F401  (ranks' share of what is left)
 from features.clips import CHECKPOINT_S
 from features.encoders import EncoderConfig
 from features import faults
@@ -81,16 +82,6 @@ def checkpoint_seconds() -> float:
 def shard(ids: list[str], rank: int, world: int) -> list[str]:
     """Every world-th clip: ranks get similar duration mixes, and the split is deterministic."""
     return ids[rank::world]
-
-
-def still_to_do(out: Path, wanted: Mapping[str, str]) -> list[str]:
-    """Clips of `wanted` (in order) whose result in the finished store `out` is missing or stale."""
-    try:
-        with StoreReader(out) as reader:
-            have = dict(reader.keys)
-    except StoreError:
-        have = {}
-    return [cid for cid, key in wanted.items() if have.get(cid) != key]
 
 
 def ranks_dir(out: Path) -> Path:
