@@ -32,6 +32,12 @@ def base_model(encoder) -> "torch.nn.Module":  # noqa: F821
     return getattr(encoder, "backbone", None) or encoder.model
 
 
+def base_config(enc_cfg: EncoderConfig, dtype: str, device) -> EncoderConfig:
+    """The base loads on the CPU (only the adapted blocks move to the device): fp32 for CPU
+    training, the training dtype (bf16 weights, fp32 LoRA) for a GPU."""
+    return dataclasses.replace(enc_cfg, device="cpu", dtype=dtype if device.type == "cuda" else "float32")
+
+
 def check_base(name: str, source: str, meta: dict, encoder) -> dict:
     """Refuse a base model whose weights differ from those the prefix store was made with."""
     stored = dict(meta.get("fingerprint") or {})
@@ -70,8 +76,7 @@ def adapt_store(name: str, cfg: AdaptConfig, enc_cfg: EncoderConfig, manifest: s
     store_out = Path(store_out or features / name)
     source = cfg.encoder
     device = pick_device(cfg.device)
-    # The base loads on the CPU in fp32 (only its top blocks move to the device).
-    encoder = load_encoder(dataclasses.replace(enc_cfg, device="cpu", dtype="float32"))
+    encoder = load_encoder(base_config(enc_cfg, cfg.dtype, device))
     with StoreReader(features / source, kind="embedding") as reader:
         base_fp = check_base(name, source, reader.meta, encoder)
         stack = layer_stack(base_model(encoder))

@@ -21,7 +21,7 @@ from features.manifest import read_manifest
 from features.reports import write_json_atomic
 from features.store import StoreReader, StoreUpdate, clip_key
 from models.adapt import adapt_features, layer_stack, resolve_layers, training_digest
-from models.adapt_store import base_model, check_base, prefix_index, read_report
+from models.adapt_store import base_config, base_model, check_base, prefix_index, read_report
 from models.config import CLASSES
 from models.joint_llm import JointAudioText, JointConfig
 from models.metrics import compute_metrics
@@ -33,7 +33,7 @@ def joint_store(name: str, cfg: JointConfig, llm_cfg: EncoderConfig, manifest: s
     features, out_dir = Path(features), Path(out_dir)
     store_out = Path(store_out or features / name)
     device = pick_device(cfg.device)
-    llm = load_encoder(dataclasses.replace(llm_cfg, device="cpu", dtype="float32"))
+    llm = load_encoder(base_config(llm_cfg, cfg.dtype, device))
     if not getattr(llm, "causal", False):
         raise ConfigError(f"joint@{name}: llm {cfg.llm!r} is not a causal LM; the joint module runs an LLM.")
     with StoreReader(features / cfg.speech, kind="embedding") as speech, \

@@ -294,3 +294,27 @@ def test_best_layer_from_the_probe_and_padding_is_masked(project):
     x, mask = pad([np.ones((2, 3), np.float32), np.ones((4, 3), np.float32)], torch.device("cpu"))
     assert x.shape == (2, 4, 3) and mask.sum().item() == 6
     assert torch.allclose(pool(x, mask, "mean"), torch.ones(2, 3))
+
+
+@pytest.mark.parametrize("profile", ["params.yaml", "params.mer2024.yaml"])
+def test_profiles_adapt_and_joint_entries_build_and_keep_their_prefix_frames(profile):
+    """Every adapt/joint entry parses strictly and its prefix layer is kept at frame level."""
+    from pathlib import Path
+
+    import yaml
+
+    from features.config import from_section
+    from models.joint_llm import JointConfig
+
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / profile).read_text())
+    encoders = params["embed"]["encoders"]
+    kept = lambda name: [int(v) for v in encoders[name]["layers_frames"]]  # noqa: E731
+    assert params.get("adapt") and params.get("joint")
+    for name, entry in params["adapt"].items():
+        cfg = from_section(AdaptConfig, entry, f"adapt.{name}")
+        assert cfg.encoder in encoders and cfg.layers[0] - 1 in kept(cfg.encoder), name
+    for name, entry in params["joint"].items():
+        cfg = from_section(JointConfig, entry, f"joint.{name}")
+        assert cfg.layers[0] - 1 in kept(cfg.llm) and cfg.speech_layer in kept(cfg.speech), name
+    with pytest.raises(ConfigError, match="unknown key"):
+        from_section(AdaptConfig, {"encoder": "x", "rnak": 4}, "adapt.x")
