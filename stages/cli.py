@@ -9,6 +9,7 @@
     mer predict VIDEO [VIDEO...] [--head H] [--json] [--priors em|FILE]   emotion + class
                                                  probabilities per video
     mer metrics [results/metrics.json]           one line per head: weighted F1, accuracy, macro F1
+    mer report [--metric weighted_f1]            `dvc exp show` as a Markdown table (ablations)
 """
 from __future__ import annotations
 
@@ -166,6 +167,20 @@ def _metrics(argv: list[str]) -> None:
               f"{m['accuracy']:>6.3f} {m['macro_f1']:>7.3f}{mark}")
 
 
+def _report(argv: list[str]) -> None:
+    from models.report import exp_show, markdown, rows
+    p = argparse.ArgumentParser(prog="mer report", description="`dvc exp show` as a Markdown "
+                                "table: the ablation table (see models/report.py).")
+    p.add_argument("--json", default="", help="a saved `dvc exp show --json` (default: run it)")
+    p.add_argument("--param", action="append", default=[], help="param column (repeatable; "
+                   "default: the params that differ between rows)")
+    p.add_argument("--metric", action="append", default=[], help="metric columns whose path "
+                   "contains this (repeatable; default: every metric)")
+    args = p.parse_args(argv)
+    data = json.load(open(args.json)) if args.json else exp_show()
+    print(markdown(rows(data), args.param, args.metric))
+
+
 def _standins(argv: list[str]) -> None:
     from features.standins import build_standins
     p = argparse.ArgumentParser(prog="mer standins",
@@ -179,7 +194,7 @@ def _standins(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = f"usage: mer {{{','.join(STAGES)},standins,store,status,predict,metrics}} ..."
+    usage = f"usage: mer {{{','.join(STAGES)},standins,store,status,predict,metrics,report}} ..."
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip() + "\n\n" + usage)
         return 0
@@ -193,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
             _status(rest)
         elif cmd == "metrics":
             _metrics(rest)
+        elif cmd == "report":
+            _report(rest)
         elif cmd == "standins":
             _standins(rest)
         elif cmd == "store" and rest[:1] == ["inspect"]:
