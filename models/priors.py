@@ -84,7 +84,11 @@ class PriorEstimate:
 def adjust(probs: np.ndarray, source: np.ndarray, target: np.ndarray) -> np.ndarray:
     """Posteriors [N, C] re-weighted from source to target priors (Bayes' rule, renormalised)."""
     probs = _checked_probs(probs)
-    ratio = _checked_priors(target, "target") / _checked_priors(source, "source")
+    target = np.asarray(target, dtype=np.float64)
+    if target.shape != (len(CLASSES),) or (target < 0).any() or not target.sum() > 0:
+        raise ConfigError(f"target priors must be {len(CLASSES)} values >= 0 with a positive "
+                          f"sum, got {target.tolist()}.")
+    ratio = target / target.sum() / _checked_priors(source, "source")  # 0: EM ruled a class out
     out = probs * ratio
     return out / np.maximum(out.sum(axis=1, keepdims=True), EPS)
 

@@ -166,3 +166,11 @@ def test_reweight_for_mer_predict_em_and_file(tmp_path):
     assert info["method"] == "file" and info["priors"]["neutral"] == 0.5
     with pytest.raises(ConfigError, match="does not exist"):
         reweight(new, "nofile.json", tmp_path / "predictions.csv")
+
+
+def test_adjust_accepts_a_class_that_em_rules_out():
+    probs, _ = bayes_posteriors(100, np.full(C, 1 / C), np.full(C, 1 / C), seed=9)
+    out = adjust(probs, np.full(C, 1 / C), np.array([0.5, 0.5, 0, 0, 0, 0]))
+    assert np.allclose(out[:, 2:], 0) and np.allclose(out.sum(1), 1)
+    with pytest.raises(ConfigError, match="positive sum"):
+        adjust(probs, np.full(C, 1 / C), np.zeros(C))
