@@ -17,7 +17,13 @@ the same key (the file is not touched), copies still-valid clips out of shards t
 computes only the rest, and writes them in small *part* files under ``<store>/.parts/`` (each
 written to a temporary name, fsynced and renamed, with ``complete`` set last). A killed run leaves
 its finished parts behind; the next run reuses them. `commit` packs the new clips into shards in a
-deterministic order, writes ``store.json`` atomically, then deletes what it no longer lists.
+deterministic order (pooled rows copied in blocks: memory does not grow with the store), writes
+``store.json`` atomically, then deletes the shard, part and temporary names it no longer lists and
+nothing else (it refuses a non-empty folder that is not a store).
+
+Safety: one writer at a time (`StoreLock`, held for the whole update); temporary names carry the
+pid and a random part; clips that leave `wanted` are *kept* (hidden from readers, reused if wanted
+again) until `prune`. `features.faults` points mark where the crash tests exit hard.
 """
 from __future__ import annotations
 
