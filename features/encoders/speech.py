@@ -30,7 +30,6 @@ import numpy as np
 import torch
 from transformers import AutoFeatureExtractor, AutoModel
 
-from features.encoders.config import MERTOOLS_PIECE_SECONDS
 from features.encoders.base import (
     EncodedClip,
     Encoder,
@@ -42,6 +41,7 @@ from features.encoders.base import (
     register,
     safetensors_kwargs,
 )
+from features.encoders.config import MERTOOLS_PIECE_SECONDS
 from features.errors import ClipError, ModelLoadError
 
 SAMPLE_RATE = 16_000
