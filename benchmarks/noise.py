@@ -1,7 +1,7 @@
 """Benchmark: noise robustness on the demo (WER and weighted F1 per condition and variant) and
 denoiser speed per hour of audio on CPU.
 
-    python benchmarks/noise.py [--params params.yaml] [--seconds 10] [--skip-eval] [--skip-speed]
+    python benchmarks/noise.py [--root .] [--reuse] [--seconds 10] [--skip-eval] [--skip-speed]
 
 Evaluation: every `noise.conditions` entry through `models.noise_eval.run_condition` (the
 `noise@<condition>` stage function) against the heads in artifacts/heads, so run `dvc repro` first;
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -37,17 +38,21 @@ from features.noisy_copies import NoiseConfig  # noqa: E402
 from features.testing import speech_like  # noqa: E402
 
 
-def evaluate(params_path: Path) -> tuple[dict, dict]:
-    from models.noise_eval import run_condition
+def evaluate(params_path: Path, root: Path, reuse: bool) -> tuple[dict, dict]:
+    """Every condition through the stage function (or, with `reuse`, the scores.json the
+    noise@<condition> stages wrote) in the project at `root`."""
+    from models.noise_eval import SCORES, run_condition
 
     params = yaml.safe_load(params_path.read_text())
     cfg = from_section(NoiseConfig, params["noise"], "noise")
     main = params.get("evaluate", {}).get("main_head") or cfg.heads[0]
     results, wer, wf1 = {}, {}, {}
+    os.chdir(root)  # params paths (reference CSV, encoder inputs) are relative to the project
     for name in cfg.conditions:
         with timer() as t:
-            res = run_condition(name, cfg, params, ROOT / "artifacts/prepare/manifest.csv", ROOT / "artifacts/heads",
-                                ROOT / "artifacts/noise" / name)
+            res = json.loads((root / "artifacts/noise" / name / SCORES).read_text()) if reuse else \
+                run_condition(name, cfg, params, root / "artifacts/prepare/manifest.csv", root / "artifacts/heads",
+                              root / "artifacts/noise" / name)
         results[name] = {**res, "seconds": round(t["s"], 1)}
         wer[name] = res["wer"]
         wf1[name] = {v: r["wf1"] for v, r in res["wf1"].get(main, {}).items()}
@@ -112,14 +117,17 @@ def speed(seconds: float) -> tuple[dict, dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--params", default=str(ROOT / "params.yaml"))
+    p.add_argument("--root", default=str(ROOT), help="project whose artifacts/ to evaluate (a copy is fine)")
+    p.add_argument("--params", default="", help="params file (default: ROOT/params.yaml)")
+    p.add_argument("--reuse", action="store_true", help="read the noise@ stages' scores.json instead of rerunning")
     p.add_argument("--seconds", type=float, default=10.0, help="audio per denoiser speed run")
     p.add_argument("--skip-eval", action="store_true")
     p.add_argument("--skip-speed", action="store_true")
     args = p.parse_args()
     results, summary = {}, {}
     if not args.skip_eval:
-        results["evaluation"], summary = evaluate(Path(args.params))
+        root = Path(args.root).resolve()
+        results["evaluation"], summary = evaluate(Path(args.params or root / "params.yaml"), root, args.reuse)
     if not args.skip_speed:
         results["speed"], summary["denoise_speed_cpu"] = speed(args.seconds)
     save("noise", results, summary)
