@@ -53,13 +53,20 @@ def markdown(table: list[Row], params: Iterable[str] = (), metrics: Iterable[str
         params = [k for k in keys if len({json.dumps(r.params.get(k)) for r in table}) > 1]
     mkeys = sorted({k for r in table for k in r.metrics
                     if not metrics or any(m in k for m in metrics)})
-    head = ["experiment", *params, *mkeys]
+    head = ["experiment", *params, *(_label(k) for k in mkeys)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table:
         cells = [r.name, *(_cell(r.params.get(k)) for k in params),
                  *(_cell(r.metrics.get(k)) for k in mkeys)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _label(key: str) -> str:
+    """results/semi/metrics.json:heads.x.r2 -> semi/heads.x.r2 (the file's folder names it)."""
+    path, _, leaf = key.partition(":")
+    folder = path.rsplit("/", 2)[-2] if "/" in path else ""
+    return f"{folder}/{leaf}" if folder else leaf
 
 
 def _name(entry: dict) -> str:

@@ -12,7 +12,7 @@ def test_rows_and_markdown_show_the_switch_and_the_metric():
     assert [r.name for r in table] == ["workspace", "master", "no-semi", "kaput-tach"]
     text = markdown(table, metrics=["weighted_f1"])
     lines = text.splitlines()
-    assert lines[0] == "| experiment | semi.enabled | m.json:heads.a.weighted_f1 |"
+    assert lines[0] == "| experiment | semi.enabled | heads.a.weighted_f1 |"
     assert "| no-semi | False | 0.5000 |" in lines and "| kaput-tach | True | 0.6000 |" in lines
     assert "| master | True |  |" in lines  # metric missing in that revision: an empty cell
     assert "priors.method" not in text  # same in every row: not a switch of this table
