@@ -320,6 +320,7 @@ def main(argv=None) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="with --gpu: its code path on CPU with tiny models, to check it runs")
     p.add_argument("--families", default="speech,vision,text")
+    p.add_argument("--clips", type=int, default=None, help="clips per family (default: per mode)")
     p.add_argument("--workdir", default=None)
     args = p.parse_args(argv)
     if args.dry_run and not args.gpu:
@@ -333,6 +334,8 @@ def main(argv=None) -> None:
     size_name = "dry-run" if args.dry_run else "gpu" if gpu else "precision" if args.precision \
         else "quick" if args.quick else "cpu"
     sizes = SIZES[size_name]
+    if args.clips:
+        sizes = {**sizes, "speech": args.clips, "vision": args.clips, "text": args.clips}
     # GPU: params.mer2024.yaml's sizes; CPU: params.yaml's demo profile (text 16, others 8).
     batch = {"speech": 32, "vision": 32, "text": 32} if args.gpu else {"speech": 8, "vision": 8, "text": 16}
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-extract-"))
@@ -344,7 +347,7 @@ def main(argv=None) -> None:
         device = torch.device("cuda" if gpu else "cpu")
         peak_dtype = torch.bfloat16 if args.gpu else torch.float32
         peak = matmul_peak(device, peak_dtype, 8192 if gpu else 256 if args.dry_run else 1024)
-        results = {"mode": size_name, "peak_tflops": peak, "peak_dtype": str(peak_dtype)[6:],
+        results = {"mode": size_name, "sizes": sizes, "peak_tflops": peak, "peak_dtype": str(peak_dtype)[6:],
                    "families": {}}
         for family in args.families.split(","):
             src, items = inputs[family]
