@@ -137,6 +137,10 @@ def tiny_params(models: dict) -> dict:
     for section, key in (("adapt", None), ("joint", None), ("noise", "conditions"), ("semi", "rounds")):
         if section in params:
             params[section] = {} if key is None else {**params[section], key: {}}
+    if "align" in params:  # the project has no clip store: align minilm to hubert instead
+        params["align"].update(source="minilm", target="hubert")
+    if "priors" in params:
+        params["priors"]["heads"] = ["attention"]
     if "evaluate" in params and "main_head" in params["evaluate"]:
         params["evaluate"]["main_head"] = "attention"
     return params
