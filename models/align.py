@@ -10,7 +10,7 @@ and a clip's aligned vector is  mean_a + std_a * (zv W): the acoustic vector its
 No label enters the fit, so a mapping fitted on labelled clips cannot carry their labels; the
 fit clips are the unlabelled pool plus the labelled clips, and the test clips only in
 transductive mode. The fit's quality is reported as R^2 on a seeded held-out tenth of the fit
-clips (measured before the final fit on all of them).
+clips, against predicting the other fit clips' mean (measured before the final fit on all).
 
 `align_store` writes the aligned vectors as an embedding store (one pooled layer, no frames)
 that any pooled head names like an encoder (`features: [hubert, clip_aligned, minilm]`).
@@ -94,11 +94,12 @@ def fit_ridge(visual: np.ndarray, acoustic: np.ndarray, alpha: float) -> AlignMa
     return AlignMap(mv, sv, np.linalg.solve(gram, zv.T @ za), ma, sa)
 
 
-def r2(pred: np.ndarray, true: np.ndarray) -> float:
-    """Coefficient of determination over all dimensions (1 = perfect, 0 = the mean)."""
+def r2(pred: np.ndarray, true: np.ndarray, baseline: np.ndarray | None = None) -> float:
+    """Coefficient of determination over all dimensions: 1 = perfect, 0 = as good as predicting
+    `baseline` (default: the mean of `true`; out of sample, the fit clips' mean)."""
     true = np.asarray(true, np.float64)
     resid = ((true - pred) ** 2).sum()
-    total = ((true - true.mean(axis=0)) ** 2).sum()
+    total = ((true - (true.mean(axis=0) if baseline is None else baseline)) ** 2).sum()
     return float(1.0 - resid / max(total, 1e-12))
 
 
@@ -112,7 +113,8 @@ def fit_with_holdout(visual: np.ndarray, acoustic: np.ndarray, alpha: float,
         raise ConfigError(f"alignment has only {n} fit clips; add unlabelled clips with both "
                           f"features (prepare.unlabelled).")
     probe = fit_ridge(visual[fit], acoustic[fit], alpha)
-    return fit_ridge(visual, acoustic, alpha), r2(probe(visual[held]), acoustic[held])
+    score = r2(probe(visual[held]), acoustic[held], probe.mean_a)  # vs the fit clips' mean
+    return fit_ridge(visual, acoustic, alpha), score
 
 
 def align_store(cfg: AlignConfig, manifest: str | os.PathLike, features_dir: str | os.PathLike,

@@ -44,6 +44,10 @@ def _tiny_params(models: dict) -> dict:
     }
     params["probe"].update(epochs=3)
     params["ensemble"] = {"vote": {"method": "soft", "heads": ["probe_hubert", "attention"]}}
+    params["align"].update(source="minilm", target="hubert")  # the unlabelled-pool stages
+    params["semi"].update(heads=["probe_hubert", "attention"],
+                          rounds={"r1": {"after": "base", "default_threshold": 0.2, "caps": 1}})
+    params["priors"].update(heads=["attention", "vote"])
     return params
 
 
@@ -59,6 +63,7 @@ def project(tmp_path_factory):
     shutil.copy(ROOT / ".gitignore", proj / ".gitignore")
     (proj / "data/video").mkdir(parents=True)
     shutil.copy(ROOT / "data/no_transcripts.csv", proj / "data/no_transcripts.csv")
+    shutil.copy(ROOT / "data/uniform_priors.json", proj / "data/uniform_priors.json")
     (proj / "data/unlabelled").mkdir()
     rows = []
     for i in range(12):
@@ -99,7 +104,8 @@ def test_repro_builds_everything_then_noop_then_only_what_changed(project):
     first = _ran(_repro(project))
     assert {"prepare", "audio", "denoise", "asr", "faces", "embed@hubert", "embed@minilm",
             "train@probe_hubert", "train@attention", "probe@hubert", "probe@minilm",
-            "ensemble@vote", "evaluate"} <= first
+            "ensemble@vote", "evaluate", "align", "priors", "semi_base", "semi@r1",
+            "semi_report"} <= first
 
     with StoreReader(project / "artifacts/audio/audio", kind="audio") as s:
         assert len(s) == 14 and s.get("clip_00").dtype.name == "float32"
