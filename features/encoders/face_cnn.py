@@ -7,7 +7,9 @@ needs torchvision, OpenCV and pkg_resources) is never imported; tests/test_face_
 the logits against the package's own network class on a face crop.
 
 Layers, like CLIP's hidden states, one vector per face frame: 0 = the 48x48 grey input (spatial
-mean), 1-3 = each conv block (spatial mean per channel), 4 = fc1, 5 = fc2, 6 = the 7 logits.
+mean), 1-3 = each conv block (spatial mean per channel), 4 = fc1, 5 = fc2 (both before their
+ReLU: ~40 % of fc1's units are zero for nearly every face, and such near-constant columns make
+ridge probes ill-conditioned), 6 = the 7 logits.
 Widths differ, so each vector is zero-padded to the widest (fc1's 2000); the store's meta lists
 the real widths. The clip's pooled vector is the mean over its frames.
 """
@@ -27,7 +29,7 @@ from features.errors import ConfigError, ModelLoadError
 
 SIZE = 48  # the package's transforms.Resize(48) + CenterCrop(48)
 CLASSES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")  # the package's order
-CODE_VERSION = "face-cnn-1"
+CODE_VERSION = "face-cnn-2"  # 2: fc layers before their ReLU
 
 
 def is_face_cnn(path: str) -> bool:
@@ -61,9 +63,10 @@ class FaceCNN(torch.nn.Module):
             x = F.max_pool2d(torch.tanh(conv(x)), 2, 2)
             outs.append(x.mean(dim=(2, 3)))
         x = x.flatten(1)
-        for i, fc in enumerate(self.fcs):
-            x = fc(x) if i == len(self.fcs) - 1 else F.relu(fc(x))
-            outs.append(x)
+        for fc in self.fcs:
+            x = fc(x)
+            outs.append(x)  # before the ReLU: dead units would be near-constant columns
+            x = F.relu(x)
         return outs
 
 
