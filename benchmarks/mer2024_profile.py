@@ -1,12 +1,12 @@
 """The MER2024 profile (params.mer2024.yaml), exercised on CPU with its real encoder architectures.
 
-    python benchmarks/mer2024_profile.py [--clips 3] [--llm-layers 2] [--workdir DIR]
+    python benchmarks/mer2024_profile.py [--clips 3] [--llm-width 256] [--encoders hubert,clip,llm]
 
 What a user does with the profile is edit ids and paths only. This script does the same to a copy:
 model folders become random-weight models built here from configs (HuBERT-large: 24 layers,
-1024 wide, conv 512; CLIP ViT-L/14: 24 layers, 1024 wide, 224 px; a decoder of Qwen2.5-7B's
-width and attention layout, 3584 wide, 28 heads, 4 KV heads, at --llm-layers layers with a
-small word-level vocabulary, since 28 layers of 7B do not fit this CPU run), input paths become
+1024 wide, conv 512; CLIP ViT-L/14: 24 layers, 1024 wide, 224 px; a Qwen2 decoder with
+Qwen2.5-7B's depth (28 layers: the profile keeps frames of its layer 24) at --llm-width wide and
+a small word-level vocabulary, since 7B parameters do not fit this CPU run), input paths become
 scratch stores, and `device: cuda` becomes `cpu` (`dtype: auto` then resolves to float32). Then:
 
 1. every section is built through the config class its stage uses (prepare, audio, denoise,
@@ -46,7 +46,7 @@ from features.store import StoreReader, write_store  # noqa: E402
 EXPECTED = {"hubert": (25, 1024), "clip": (25, 1024)}  # hidden states (embeddings + layers), width
 
 
-def build_models(folder: Path, llm_layers: int) -> dict[str, str]:
+def build_models(folder: Path, llm_width: int, names: list[str]) -> dict[str, str]:
     """Random-weight models of the profile's architectures, saved like real model folders."""
     import torch
     from transformers import (CLIPVisionConfig, CLIPVisionModel, HubertConfig, HubertModel,
@@ -68,21 +68,28 @@ def build_models(folder: Path, llm_layers: int) -> dict[str, str]:
         "clip": (CLIPVisionModel, CLIPVisionConfig(  # openai/clip-vit-large-patch14's vision tower
             hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
             image_size=224, patch_size=14, projection_dim=768)),
-        "llm": (Qwen2ForCausalLM, Qwen2Config(  # Qwen2.5-7B-Instruct's width, reduced depth/vocab
-            vocab_size=1000, hidden_size=3584, intermediate_size=18944, num_hidden_layers=llm_layers,
-            num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=4096,
+        "llm": (Qwen2ForCausalLM, Qwen2Config(  # Qwen2.5-7B-Instruct's depth, reduced width/vocab
+            vocab_size=1000, hidden_size=llm_width, intermediate_size=4 * llm_width,
+            num_hidden_layers=28, num_attention_heads=llm_width // 64, num_key_value_heads=2,
+            max_position_embeddings=4096,
             tie_word_embeddings=False, bos_token_id=1, eos_token_id=1)),
     }
     paths = {}
     for name, (cls, config) in builds.items():
+        if name not in names:
+            paths[name] = str(folder / name)  # configs are still checked
+            continue
         model = cls(config)
         model.save_pretrained(folder / name, safe_serialization=True)
         del model
         paths[name] = str(folder / name)
-    Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True).save_pretrained(folder / "hubert")
-    CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}) \
-        .save_pretrained(folder / "clip")
-    _word_tokenizer(PreTrainedTokenizerFast, 1000).save_pretrained(folder / "llm")
+    if "hubert" in names:
+        Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True).save_pretrained(folder / "hubert")
+    if "clip" in names:
+        CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}) \
+            .save_pretrained(folder / "clip")
+    if "llm" in names:
+        _word_tokenizer(PreTrainedTokenizerFast, 1000).save_pretrained(folder / "llm")
     return paths
 
 
@@ -169,13 +176,15 @@ def run_embed(proj: Path, name: str) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--clips", type=int, default=3)
-    p.add_argument("--llm-layers", type=int, default=2)
+    p.add_argument("--llm-width", type=int, default=256)
+    p.add_argument("--encoders", default="hubert,clip,llm", help="which encoders to run")
     p.add_argument("--workdir", default=None)
     args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="mer2024-profile-", dir=args.workdir))
     start = time.perf_counter()
     try:
-        models = build_models(work / "models", args.llm_layers)
+        names = args.encoders.split(",")
+        models = build_models(work / "models", args.llm_width, names)
         build_s = time.perf_counter() - start
         params = edited_profile(models, work / "data")
         built = check_configs(params)
@@ -183,16 +192,16 @@ def main(argv=None) -> None:
         proj.mkdir()
         (proj / "params.yaml").write_text(yaml.safe_dump(params))
         make_inputs(work / "data", args.clips, params["faces"])
-        encoders = {name: run_embed(proj, name) for name in params["embed"]["encoders"]}
+        encoders = {name: run_embed(proj, name) for name in params["embed"]["encoders"] if name in names}
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    expected = {**EXPECTED, "llm": (args.llm_layers + 1, 3584)}
+    expected = {**EXPECTED, "llm": (29, args.llm_width)}
     for name, r in encoders.items():
         r["expected_layers_dim"] = list(expected[name])
         if (r["layers"], r["dim"]) != expected[name] or r["clips"] != args.clips:
             raise RuntimeError(f"{name}: store holds {r['clips']} clips x {r['layers']} x {r['dim']}, "
                                f"expected {args.clips} x {expected[name]}")
-    results = {"clips": args.clips, "llm_layers": args.llm_layers, "configs_built": built,
+    results = {"clips": args.clips, "llm_width": args.llm_width, "configs_built": built,
                "build_models_s": round(build_s, 1), "encoders": encoders,
                "total_s": round(time.perf_counter() - start, 1), "load_average": os.getloadavg()}
     summary = {"configs_ok": len(built),
