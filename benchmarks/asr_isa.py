@@ -2,14 +2,14 @@
 
     python benchmarks/asr_isa.py --audio artifacts/denoise/denoised   # after `dvc repro asr`
     python benchmarks/asr_isa.py --runs int8/native,int8/onednn_avx2   # some settings only
-    python benchmarks/asr_isa.py --timing 24                           # speed: native vs pinned
+    python benchmarks/asr_isa.py --timing 8                            # CPU time of each choice
 
 CTranslate2 picks its kernels per machine: an ISA (CT2_FORCE_CPU_ISA overrides it), a GEMM library
 (Intel MKL on Intel CPUs, oneDNN elsewhere; CT2_USE_MKL overrides it) and oneDNN its own ISA
 (ONEDNN_MAX_CPU_ISA caps it). Each setting below runs in a fresh process (the variables are read
 at start-up) over every clip of the store, for int8 and float32; transcripts are compared with
 the first setting's. "pinned" settings use asr.cpu_isa (features/cpu_kernels.py), which overrides
-all three. `--timing` measures what the pin costs, alternating runs so load changes hit both.
+all three. `--timing` measures what the pin and float32 cost, in CPU seconds, alternating runs.
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def child(audio: str, compute_type: str, cpu_isa: str, out: str) -> None:
     from features.store import StoreReader
 
     transcriber = make_transcriber(AsrConfig(compute_type=compute_type, cpu_isa=cpu_isa))
-    texts, start = {}, time.perf_counter()
+    texts, start, cpu = {}, time.perf_counter(), time.process_time()
     perturb, rng = float(os.environ.get("ASR_ISA_PERTURB", "0")), np.random.default_rng(0)
     with StoreReader(audio, kind="audio") as store:
         for cid in store.ids[: int(os.environ.get("ASR_ISA_CLIPS", "0")) or None]:
@@ -55,7 +55,8 @@ def child(audio: str, compute_type: str, cpu_isa: str, out: str) -> None:
             if perturb:
                 wav = wav + perturb * np.sqrt(np.mean(wav ** 2)) * rng.standard_normal(wav.shape)
             texts[cid] = transcriber.transcribe(wav.astype(np.float32), cid)
-    Path(out).write_text(json.dumps({"seconds": time.perf_counter() - start, "texts": texts}))
+    Path(out).write_text(json.dumps({"seconds": time.perf_counter() - start, "texts": texts,
+                                     "cpu_seconds": time.process_time() - cpu}))
 
 
 def main() -> None:
@@ -113,20 +114,24 @@ def main() -> None:
     save("asr_isa", runs, summary)
 
 
-def timing(audio: str, clips: int, rounds: int = 3) -> None:
-    """Seconds of int8 ASR, unpinned vs pinned, alternating so that load changes hit both."""
-    seconds: dict[str, list[float]] = {"native": [], "pinned": []}
+def timing(audio: str, clips: int, rounds: int = 2) -> None:
+    """CPU seconds (all threads; less sensitive to other jobs than wall time) of the first `clips`
+    clips: int8 unpinned, int8 pinned, float32 pinned, alternating rounds."""
+    runs = {"int8/native": ("int8", ""), "int8/pinned": ("int8", "AVX2"),
+            "float32/pinned": ("float32", "AVX2")}
+    cpu: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(rounds):
-        for name in seconds:
-            out = Path(f"/tmp/asr_isa_timing_{name}.json")
-            subprocess.run([sys.executable, __file__, "--audio", audio, "--child", "int8",
-                            SETTINGS[name][1], str(out)], check=True, capture_output=True,
+        for name, (compute_type, cpu_isa) in runs.items():
+            out = Path("/tmp/asr_isa_timing.json")
+            subprocess.run([sys.executable, __file__, "--audio", audio, "--child", compute_type,
+                            cpu_isa, str(out)], check=True, capture_output=True,
                            env={**os.environ, "ASR_ISA_CLIPS": str(clips)})
-            seconds[name].append(round(json.loads(out.read_text())["seconds"], 2))
-            print(name, seconds[name][-1])
-    best = {k: min(v) for k, v in seconds.items()}
-    save("asr_isa_timing", {"clips": clips, "seconds": seconds},
-         {"clips": clips, "best_s": best, "pinned_over_native": round(best["pinned"] / best["native"], 3)})
+            cpu[name].append(round(json.loads(out.read_text())["cpu_seconds"], 2))
+            print(name, cpu[name][-1])
+    best = {k: min(v) for k, v in cpu.items()}
+    save("asr_isa_timing", {"clips": clips, "cpu_seconds": cpu},
+         {"clips": clips, "best_cpu_s": best,
+          "ratios_to_int8_native": {k: round(v / best["int8/native"], 2) for k, v in best.items()}})
 
 
 if __name__ == "__main__":
