@@ -64,7 +64,7 @@ def run_condition(name: str, cfg: NoiseConfig, params: Mapping, manifest: str | 
     refs = load_transcripts_csv(cfg.reference) if cfg.reference else {}
     result = {"condition": name, "snr_db": cond.nominal_snr() if cond.noise != "none" else None,
               "noise": cond.noise, "clips": len(clips), "recipe": as_dict(cond),
-              "wf1": _score(heads, views, clips), "wer": _wers(texts, refs, read_lineage(work / "copies/lineage.csv"))}
+              "wf1": _score(heads, views, clips, Path(heads_dir)), "wer": _wers(texts, refs, read_lineage(work / "copies/lineage.csv"))}
     write_json_atomic(out / SCORES, result)
     return result
 
@@ -172,8 +172,11 @@ def _embed_variant(variant: str, backend: str, encoders: list[str], params: Mapp
     return view
 
 
-def _score(heads: dict, views: dict[str, dict[str, Path]], clips) -> dict[str, dict[str, dict]]:
-    """head -> variant -> {wf1, n}: weighted F1 of the head's predictions on the copies."""
+def _score(heads: dict, views: dict[str, dict[str, Path]], clips, heads_dir: Path) -> dict[str, dict[str, dict]]:
+    """head -> variant -> {wf1, n}: weighted F1 of the head's predictions on the copies. The
+    copies' stores must be computed as the head's training features were (lineage check)."""
+    from features import lineage
+    from models.bundles import read_meta
     from models.config import CLASSES
 
     out: dict[str, dict[str, dict]] = {}
@@ -182,6 +185,8 @@ def _score(heads: dict, views: dict[str, dict[str, Path]], clips) -> dict[str, d
             with tempfile.TemporaryDirectory() as td:  # the folder layout HeadPredictor reads
                 for name, store in view.items():
                     os.symlink(store.resolve(), Path(td) / name)
+                lineage.check(read_meta(heads_dir / head).get("lineage"), td, predictor.cfg.features,
+                              f"head {head!r}")
                 with FeatureSet(td) as features:
                     ids = features.common_ids(predictor.cfg.features, [c.clip_id for c in clips])
                     probs = predictor.predict(features, ids) if ids else []
