@@ -52,7 +52,6 @@ def build_models(folder: Path, llm_width: int, names: list[str]) -> dict[str, st
     from transformers import (CLIPVisionConfig, CLIPVisionModel, HubertConfig, HubertModel,
                               PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM,
                               Wav2Vec2FeatureExtractor)
-    from extract import _word_tokenizer
     try:
         from transformers import CLIPImageProcessorPil as CLIPImageProcessor
     except ImportError:
@@ -88,9 +87,19 @@ def build_models(folder: Path, llm_width: int, names: list[str]) -> dict[str, st
     if "clip" in names:
         CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}) \
             .save_pretrained(folder / "clip")
-    if "llm" in names:
-        _word_tokenizer(PreTrainedTokenizerFast, 1000).save_pretrained(folder / "llm")
+    if "llm" in names:  # byte-level BPE: transformers loads it as Qwen2Tokenizer, as a real folder
+        bpe_tokenizer(PreTrainedTokenizerFast).save_pretrained(folder / "llm")
     return paths
+
+
+def bpe_tokenizer(cls):
+    """A small byte-level BPE over the synthetic transcripts' words (ids < 601)."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([" ".join(f"w{i}" for i in range(1000))] * 3, vocab_size=600,
+                            special_tokens=["<unk>", "</s>"], show_progress=False)
+    return cls(tokenizer_object=bpe._tokenizer, unk_token="<unk>", eos_token="</s>")
 
 
 def edited_profile(models: dict[str, str], data: Path) -> dict:
