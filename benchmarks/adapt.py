@@ -169,10 +169,14 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--artifacts", type=Path, default=ROOT / "artifacts")
     p.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     results = timing(args)
+    results["torch_threads"] = torch.get_num_threads()
     print(f"one epoch, {results['clips']} clips: full encoder {results['full_epoch_s']} s, from cached "
           f"prefix {results['prefix_epoch_s']} s (ratio {results['prefix_epoch_ratio']}); trainable "
           f"{results['trainable_parameters']:,} / {results['total_parameters']:,}")
