@@ -160,10 +160,11 @@ def _metrics(argv: list[str]) -> None:
         metrics = read_metrics(args.path)
     except FileNotFoundError:
         raise MerError(f"{args.path} does not exist; run `dvc repro` (or `mer evaluate`) first.")
-    print(f"{'head':<16} {'type':<18} {'clips':>5} {'wF1':>6} {'acc':>6} {'macroF1':>7}")
+    w = max([16, *(len(h) for h in metrics["heads"])])
+    print(f"{'head':<{w}} {'type':<18} {'clips':>5} {'wF1':>6} {'acc':>6} {'macroF1':>7}")
     for head, m in sorted(metrics["heads"].items(), key=lambda kv: -kv[1]["weighted_f1"]):
         mark = "  <- main" if head == metrics.get("main_head") else ""
-        print(f"{head:<16} {m.get('type', '?'):<18} {m['clips']:>5} {m['weighted_f1']:>6.3f} "
+        print(f"{head:<{w}} {m.get('type', '?'):<18} {m['clips']:>5} {m['weighted_f1']:>6.3f} "
               f"{m['accuracy']:>6.3f} {m['macro_f1']:>7.3f}{mark}")
 
 
