@@ -76,6 +76,7 @@ def _project(tmp_path, n=96, layers=5, signal=2):
     return clips
 
 
+@pytest.mark.slow
 def test_weighted_head_end_to_end_learns_and_predicts_like_training(tmp_path):
     """probe@enc learns per-fold layer weights; a `layer: weighted` head trains on them, and the
     saved plan reproduces the unlabelled clips' probabilities from the store alone."""

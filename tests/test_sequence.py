@@ -72,6 +72,7 @@ def test_agt_learns_a_class_planted_only_in_video_frames_or_text_tokens(informat
     assert compute_metrics(y, res.oof_probs)["weighted_f1"] > 0.7  # measured 0.96 / 1.0
 
 
+@pytest.mark.slow
 def test_agt_without_its_guided_attention_cannot_see_the_video(monkeypatch):
     """The same planted-video problem with the cross-attention cut (the audio stream passed on
     unchanged): chance. So the test above depends on the audio-guided attention."""
