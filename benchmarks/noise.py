@@ -7,7 +7,9 @@ Evaluation: every `noise.conditions` entry through `models.noise_eval.run_condit
 `noise@<condition>` stage function) against the heads in artifacts/heads, so run `dvc repro` first;
 its stores are caches, so after `dvc repro` this only re-reads them. Summary: `wer` and `wf1`, each
 {condition: {variant: value}}; variants are the denoise backends, `<backend>+enh` with ASR
-enhancement; `wf1` is the main head's (evaluate.main_head), every head is in the results.
+enhancement; `wf1` is the main head's (evaluate.main_head), every head is in the results. F1 is
+out-of-fold: each copy is scored only by the fold model that held its source clip out
+(`models.noise_eval.out_of_fold`), never by a model that trained on the clip's label.
 
 Speed: DeepFilterNet3 (real weights) and both MossFormer2 variants at their released sizes
 (MossFormer2_SE_48K: 512 channels x 24 blocks, 55 M parameters; the 8 kHz separator: ModelScope's
@@ -56,7 +58,7 @@ def evaluate(params_path: Path, root: Path, reuse: bool) -> tuple[dict, dict]:
         results[name] = {**res, "seconds": round(t["s"], 1)}
         wer[name] = res["wer"]
         wf1[name] = {v: r["wf1"] for v, r in res["wf1"].get(main, {}).items()}
-    return results, {"wer": wer, "wf1": wf1, "wf1_head": main}
+    return results, {"wer": wer, "wf1": wf1, "wf1_head": main, "wf1_scoring": "out-of-fold"}
 
 
 def _save_se(folder: Path) -> Path:

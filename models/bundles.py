@@ -107,7 +107,8 @@ def load_bundle(head_dir: str | os.PathLike) -> Bundle:
 
 
 class HeadPredictor:
-    """Any trained head folder behind one `predict(features, ids)`."""
+    """Any trained head folder behind one `predict(features, ids)` (fold-mean) and
+    `predict_folds(features, ids)` (each fold model's own)."""
 
     def __init__(self, bundle: Bundle, device: str = "cpu"):
         self.bundle, self.cfg = bundle, bundle.cfg
@@ -120,11 +121,18 @@ class HeadPredictor:
 
     def predict(self, features: FeatureSet, ids: Sequence[str]) -> np.ndarray:
         """[N, C] probabilities (mean of the fold models) for clips every store holds."""
+        return self.model.predict_proba(self._inputs(features, ids))
+
+    def predict_folds(self, features: FeatureSet, ids: Sequence[str]) -> np.ndarray:
+        """[F, N, C] each fold model's probabilities; fold f is the one that held out the
+        labelled clips with `fold` f in predictions.csv, so it alone may score them."""
+        return self.model.fold_proba(self._inputs(features, ids))
+
+    def _inputs(self, features: FeatureSet, ids: Sequence[str]):
         from models.layers import LayerPlan, read_inputs
 
         plans = {n: LayerPlan.from_state(s) for n, s in self.bundle.inputs.items()}
-        x, _ = read_inputs(self.bundle.head, self.cfg, features, list(ids), plans)
-        return self.model.predict_proba(x)
+        return read_inputs(self.bundle.head, self.cfg, features, list(ids), plans)[0]
 
 
 def load_head(head_dir: str | os.PathLike, device: str = "cpu") -> HeadPredictor:

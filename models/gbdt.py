@@ -149,7 +149,8 @@ def bundle_state(result: CVResult, cfg: GbdtConfig) -> dict:
 
 
 class GbdtPredictor:
-    """The fold models of a LightGBM bundle; `predict_proba` averages their probabilities."""
+    """The fold models of a LightGBM bundle; `fold_proba` gives each one's probabilities,
+    `predict_proba` their mean."""
 
     def __init__(self, cfg: GbdtConfig, feature_dims: Mapping[str, int], models: list[str]):
         import lightgbm as lgb
@@ -160,13 +161,17 @@ class GbdtPredictor:
     def n_folds(self) -> int:
         return len(self.boosters)
 
-    def predict_proba(self, features: Mapping[str, np.ndarray]) -> np.ndarray:
+    def fold_proba(self, features: Mapping[str, np.ndarray]) -> np.ndarray:
+        """[F, M, C] class probabilities of each fold's booster (float64, as LightGBM gives)."""
         x = concat_features(features, self.cfg)
         if x.shape[-1] != sum(self.feature_dims.values()):
             raise ConfigError(f"features have {x.shape[-1]} dims, the model was trained on "
                               f"{self.feature_dims}; use the same encoders and layer.")
-        per_fold = [b.predict(x[k] if x.ndim == 3 else x) for k, b in enumerate(self.boosters)]
-        return np.mean(per_fold, axis=0).astype(np.float32)
+        return np.stack([b.predict(x[k] if x.ndim == 3 else x) for k, b in enumerate(self.boosters)])
+
+    def predict_proba(self, features: Mapping[str, np.ndarray]) -> np.ndarray:
+        """[M, C] class probabilities, mean over the fold models."""
+        return self.fold_proba(features).mean(axis=0).astype(np.float32)
 
 
 def predictor(cfg: GbdtConfig, feature_dims: Mapping[str, int], state: dict,

@@ -7,10 +7,11 @@ the encoders the scored heads read, then score each head per variant. Variants: 
 (`none`, `deepfilternet`, `mossformer2`), and `<backend>+enh` where the text encoders read the
 enhanced transcripts. Every store under the condition's folder is a per-clip cache.
 
-Heads are the ones trained on clean clips (fold-mean models through `models.predict`); the copies
-are noisy versions of labelled training clips, so 4 of 5 fold models saw the clean version of each
-scored clip: absolute F1 is optimistic, the drop against the `clean` condition (scored the same
-way) is the measurement.
+Heads are the ones trained on clean clips, and the copies are noisy versions of their labelled
+training clips, so a copy is scored out-of-fold: only by the fold model that held its source clip
+out (`lineage.csv` source, the head's predictions.csv `fold`), never by the fold mean, whose other
+fold models trained on the clean version of that clip. Copies whose source no fold held out
+(unlabelled, or not in the head's training) are not scored.
 """
 from __future__ import annotations
 
@@ -62,9 +63,11 @@ def run_condition(name: str, cfg: NoiseConfig, params: Mapping, manifest: str | 
                                            if cfg.enhance and "none" in backends else {})
     views = {v: _embed_variant(v, b, encoders, params, backends, texts, faces, work) for v, b in variants.items()}
     refs = load_transcripts_csv(cfg.reference) if cfg.reference else {}
+    lineage = read_lineage(work / "copies/lineage.csv")
     result = {"condition": name, "snr_db": cond.nominal_snr() if cond.noise != "none" else None,
               "noise": cond.noise, "clips": len(clips), "recipe": as_dict(cond),
-              "wf1": _score(heads, views, clips, Path(heads_dir)), "wer": _wers(texts, refs, read_lineage(work / "copies/lineage.csv"))}
+              "wf1": _score(heads, views, clips, Path(heads_dir), lineage),
+              "wer": _wers(texts, refs, lineage)}
     write_json_atomic(out / SCORES, result)
     return result
 
@@ -172,15 +175,20 @@ def _embed_variant(variant: str, backend: str, encoders: list[str], params: Mapp
     return view
 
 
-def _score(heads: dict, views: dict[str, dict[str, Path]], clips, heads_dir: Path) -> dict[str, dict[str, dict]]:
-    """head -> variant -> {wf1, n}: weighted F1 of the head's predictions on the copies. The
-    copies' stores must be computed as the head's training features were (lineage check)."""
+def _score(heads: dict, views: dict[str, dict[str, Path]], clips, heads_dir: Path,
+           copy_lineage: list[dict]) -> dict[str, dict[str, dict]]:
+    """head -> variant -> {wf1, n}: weighted F1 of the head's out-of-fold predictions on the
+    copies (`out_of_fold`). The copies' stores must be computed as the head's training features
+    were (lineage check)."""
     from features import lineage
     from models.bundles import read_meta
     from models.config import CLASSES
 
+    source = {r["clip_id"]: r["source_id"] for r in copy_lineage}
+    label = {c.clip_id: c.label for c in clips}
     out: dict[str, dict[str, dict]] = {}
     for head, predictor in heads.items():
+        held = held_out_by(heads_dir / head)
         for variant, view in views.items():
             with tempfile.TemporaryDirectory() as td:  # the folder layout HeadPredictor reads
                 for name, store in view.items():
@@ -189,14 +197,39 @@ def _score(heads: dict, views: dict[str, dict[str, Path]], clips, heads_dir: Pat
                               f"head {head!r}")
                 with FeatureSet(td) as features:
                     ids = features.common_ids(predictor.cfg.features, [c.clip_id for c in clips])
-                    probs = predictor.predict(features, ids) if ids else []
-                have = [c for c in clips if c.clip_id in set(ids)]
-            if not have:
+                    scored, probs = out_of_fold(predictor, features, ids, source, held)
+            if not scored:
                 continue
-            y = np.array([CLASSES.index(c.label) for c in have])
+            y = np.array([CLASSES.index(label[c]) for c in scored])
             out.setdefault(head, {})[variant] = {"wf1": compute_metrics(y, probs)["weighted_f1"],
-                                                 "n": len(have)}
+                                                 "n": len(scored)}
     return out
+
+
+def held_out_by(head_dir: str | os.PathLike) -> dict[str, int]:
+    """clip -> the fold model that held it out in training (predictions.csv `fold`, labelled rows)."""
+    from models.bundles import PREDICTIONS, read_predictions
+
+    return {r["clip_id"]: int(r["fold"]) for r in read_predictions(Path(head_dir) / PREDICTIONS)
+            if r["split"] == "labelled"}
+
+
+def out_of_fold(predictor, features: FeatureSet, ids: list[str], source: Mapping[str, str],
+                held: Mapping[str, int]) -> tuple[list[str], np.ndarray]:
+    """(scored ids, [N, C]): each copy in `ids` whose source clip (`source[copy]`) a fold held out,
+    with the probabilities of that fold's model alone, which never trained on the source clip
+    (`held`: `held_out_by`). A model that trained on a clip's label never scores its copies."""
+    from models.config import CLASSES
+
+    scored = [c for c in ids if source.get(c) in held]
+    if not scored:
+        return [], np.zeros((0, len(CLASSES)))
+    per_fold = predictor.predict_folds(features, scored)  # [F, N, C]
+    fold = np.array([held[source[c]] for c in scored])
+    if fold.max() >= len(per_fold):
+        raise MerError(f"predictions.csv names fold {int(fold.max())}, the head has {len(per_fold)} "
+                       f"fold models; retrain the head (`dvc repro train`).")
+    return scored, per_fold[fold, np.arange(len(scored))]
 
 
 def _wers(texts: dict[str, Path], refs: dict[str, str], lineage: list[dict]) -> dict[str, float]:
@@ -212,7 +245,7 @@ def _wers(texts: dict[str, Path], refs: dict[str, str], lineage: list[dict]) -> 
     return out
 
 
-__all__ = ["run_condition", "scored_transcripts", "ConditionConfig"]
+__all__ = ["run_condition", "scored_transcripts", "held_out_by", "out_of_fold", "ConditionConfig"]
 
 
 # ---------------------------------------------------------------- report over conditions

@@ -363,7 +363,8 @@ def bundle_state(result: CVResult, cfg: Any) -> dict:
 
 
 class FramePredictor:
-    """The fold models of a frame-level head; `predict_proba` averages their probabilities."""
+    """The fold models of a frame-level head; `fold_proba` gives each one's probabilities,
+    `predict_proba` their mean."""
 
     def __init__(self, cfg: Any, feature_dims: Mapping[str, int],
                  projection: Mapping[str, Tensor], folds: list[FoldState], device: str = "cpu"):
@@ -379,11 +380,15 @@ class FramePredictor:
         self.model.load_state_dict(state)
         self.model.to(self.device).eval()
 
-    def predict_proba(self, frames: Mapping[str, Frames]) -> np.ndarray:
-        """[M, C] class probabilities in CLASSES order, mean over the fold models."""
+    def fold_proba(self, frames: Mapping[str, Frames]) -> np.ndarray:
+        """[F, M, C] class probabilities in CLASSES order of each fold model."""
         x = _checked(frames, self.cfg, "frames", self.feature_dims)
         chunks = _reduced_chunks(self.reduction, x, self.device)
-        return _probs(self.model, self.reduction, chunks).mean(axis=0)
+        return _probs(self.model, self.reduction, chunks)
+
+    def predict_proba(self, frames: Mapping[str, Frames]) -> np.ndarray:
+        """[M, C] class probabilities in CLASSES order, mean over the fold models."""
+        return self.fold_proba(frames).mean(axis=0)
 
 
 def predictor(cfg: Any, feature_dims: Mapping[str, int], state: dict,

@@ -243,7 +243,8 @@ def bundle_state(result: CVResult, cfg: Any) -> dict:
 
 
 class Predictor:
-    """The fold models of one pooled head; `predict_proba` averages their probabilities."""
+    """The fold models of one pooled head; `fold_proba` gives each one's probabilities,
+    `predict_proba` their mean."""
 
     def __init__(self, cfg: Any, feature_dims: Mapping[str, int],
                  folds: list[FoldState], device: str = "cpu"):
@@ -260,11 +261,16 @@ class Predictor:
     def n_folds(self) -> int:
         return int(next(iter(self.scaler.values()))["mean"].shape[0])
 
-    def predict_proba(self, inputs: Arrays) -> np.ndarray:
-        """[M, C] class probabilities in CLASSES order, mean over the fold models."""
+    def fold_proba(self, inputs: Arrays) -> np.ndarray:
+        """[F, M, C] class probabilities in CLASSES order of each fold model (fold f = the
+        model that held out the clips of member f, `CVResult.fold_of`)."""
         x = _as_inputs(inputs, self.cfg, "inputs", self.feature_dims)
         _check_members(x, self.n_folds, "inputs")
-        return _stacked_probs(self.model, self.scaler, x, self.device).mean(axis=0)
+        return _stacked_probs(self.model, self.scaler, x, self.device)
+
+    def predict_proba(self, inputs: Arrays) -> np.ndarray:
+        """[M, C] class probabilities in CLASSES order, mean over the fold models."""
+        return self.fold_proba(inputs).mean(axis=0)
 
 
 def predictor(cfg: Any, feature_dims: Mapping[str, int], state: dict,
