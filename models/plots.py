@@ -5,8 +5,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from models.config import CLASSES
 
@@ -20,8 +18,7 @@ def plot_confusion(confusion: Sequence[Sequence[int]], path_png: str | Path, tit
     counts = np.asarray(confusion, dtype=np.int64)
     rows = counts.sum(axis=1, keepdims=True)
     share = np.divide(counts, rows, out=np.zeros(counts.shape), where=rows > 0)
-    fig = Figure(figsize=(6.4, 5.6), dpi=120)
-    FigureCanvasAgg(fig)
+    fig = _figure(6.4, 5.6)
     ax = fig.add_subplot()
     image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
     fig.colorbar(image, ax=ax, label="share of true class")
@@ -54,8 +51,7 @@ def plot_layer_curve(weighted_f1: Sequence[float], accuracy: Sequence[float],
     softmax layer weights as bars (with the weighted probe's score as a dashed line above)."""
     layers = np.arange(len(weighted_f1))
     rows = 2 if layer_weights is not None else 1
-    fig = Figure(figsize=(7.2, 3.4 * rows), dpi=120)
-    FigureCanvasAgg(fig)
+    fig = _figure(7.2, 3.4 * rows)
     ax = fig.add_subplot(rows, 1, 1)
     ax.plot(layers, weighted_f1, marker="o", ms=3, label="weighted F1")
     ax.plot(layers, accuracy, marker=".", ms=3, alpha=0.6, label="accuracy")
@@ -83,3 +79,14 @@ def plot_layer_curve(weighted_f1: Sequence[float], accuracy: Sequence[float],
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
     return path
+
+
+def _figure(width: float, height: float):
+    """A figure on the Agg canvas; matplotlib is imported here, not at module import, because
+    every train/evaluate stage imports this module and most never plot (0.4 s each)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=120)
+    FigureCanvasAgg(fig)
+    return fig

@@ -55,3 +55,23 @@ def test_confusion_rows_for_dvc_template():
     assert len(rows) == 6
     assert rows[2] == {"actual": "neutral", "predicted": "angry"}
     assert rows[5] == {"actual": "happy", "predicted": "neutral"}
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_metrics_equal_sklearn(seed):
+    """The numpy metrics give sklearn's numbers, including classes missing from labels or
+    predictions (sklearn's default label set for weighted/macro, zero_division=0)."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+
+    rng = np.random.default_rng(seed)
+    n, present = int(rng.integers(5, 60)), rng.choice(6, size=int(rng.integers(1, 7)), replace=False)
+    y_true = rng.choice(present, size=n)
+    y_pred = rng.choice(rng.choice(6, size=int(rng.integers(1, 7)), replace=False), size=n)
+    m = compute_metrics(y_true, _onehot(y_pred))
+    r = lambda x: round(float(x), 4)  # noqa: E731
+    assert m["weighted_f1"] == r(f1_score(y_true, y_pred, average="weighted", zero_division=0))
+    assert m["macro_f1"] == r(f1_score(y_true, y_pred, average="macro", zero_division=0))
+    assert m["accuracy"] == r(accuracy_score(y_true, y_pred))
+    per = f1_score(y_true, y_pred, labels=list(range(6)), average=None, zero_division=0)
+    assert list(m["per_class_f1"].values()) == [r(f) for f in per]
+    assert m["confusion"] == confusion_matrix(y_true, y_pred, labels=list(range(6))).tolist()
