@@ -11,7 +11,8 @@ A trainer is a module with three functions, shared by every head type that uses 
   on_epoch=None) -> models.train.CVResult`` (inputs: ``{encoder: [N, D]}`` pooled arrays, or
   ``{encoder: models.sequence.Frames}``);
 * ``bundle_state(result, cfg) -> dict`` (what `models.bundles.save_bundle` stores);
-* ``predictor(cfg, feature_dims, state, device) -> object`` with ``predict_proba(inputs)``.
+* ``predictor(cfg, feature_dims, state, device) -> object`` with ``fold_proba(inputs)`` ([F, M, C],
+  one row per fold model: out-of-fold scoring) and ``predict_proba(inputs)`` (their mean).
 
 `models.train` (pooled neural heads), `models.sequence` (frame-level neural heads) and
 `models.gbdt` (LightGBM) are the trainers today.
