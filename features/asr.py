@@ -10,12 +10,13 @@ import csv
 import io
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
 import numpy as np
 
+from features.asr_enhance import EnhanceConfig
 from features.config import resolve_model_path
 from features.cpu_kernels import pin_ctranslate2
 from features.errors import ClipError, ConfigError, ModelLoadError
@@ -43,6 +44,8 @@ class AsrConfig:
     # faster_whisper on CPU: kernels pinned to this ISA, so every x86 machine gives the same
     # transcripts (features/cpu_kernels.py); "" = each machine's fastest, transcripts may differ.
     cpu_isa: str = "AVX2"
+    # ASR enhancement (features/asr_enhance.py): raw+denoised selection, optional LLM rewrite.
+    enhance: EnhanceConfig = field(default_factory=EnhanceConfig)
 
 
 class AsrBackend(Protocol):
@@ -284,7 +287,7 @@ def transcribe_scored(backend: AsrBackend, wav16k: np.ndarray, clip_id: str, sou
     Only faster-whisper reports it per segment (weighted here by each segment's token count)."""
     if not isinstance(backend, FasterWhisper):
         raise ConfigError("ASR enhancement needs asr.backend: faster_whisper (its decoder reports "
-                          "log-probabilities); switch the backend or turn noise.enhance off.")
+                          "log-probabilities); switch the backend, or turn asr.enhance / noise.enhance off.")
     try:
         extra = {} if backend.cfg.temperature_fallback else {"temperature": 0.0}
         segments, _ = backend.model.transcribe(np.asarray(wav16k, dtype=np.float32),

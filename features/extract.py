@@ -6,6 +6,8 @@ and writes its store (or JSON) plus ``failures.json`` into its output folder.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,11 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from features import versions
-from features.asr import AsrConfig, load_transcripts_csv, make_transcriber
+from features.asr import AsrConfig, load_backend, load_transcripts_csv, make_transcriber
+from features.asr_enhance import Enhancer, enhance_fingerprint
 from features.cachekeys import remembered, source_key, still_to_do
 from features.clips import for_each_clip
 from features.config import as_dict, resolve_model_path
 from features.denoise import DenoiseConfig, make_denoiser
+from features.errors import ConfigError
 from features.faces import FacesConfig, extract_faces
 from features.manifest import read_manifest
 from features.hashcache import sha256_file as sha256_weights
@@ -93,28 +97,34 @@ def denoise_audio(audio_store: str | os.PathLike, cfg: DenoiseConfig,
 
 
 def asr_fingerprint(cfg: AsrConfig) -> dict:
-    """What decides an ASR transcript, without loading the model: settings and weight hashes."""
+    """What decides an ASR transcript, without loading the model: settings and weight hashes.
+    (`asr.enhance` joins the key of enhanced transcripts only: `transcribe_audio`.)"""
     path = Path(resolve_model_path(cfg.model))
     files = sorted(p for p in path.iterdir() if p.suffix in (".bin", ".safetensors")) \
         if path.is_dir() else []
     weights = {f.name: sha256_weights(f) for f in files} or f"hub:{cfg.model}"
-    settings = {k: v for k, v in as_dict(cfg).items() if k not in ("device", "transcripts_csv")}
+    settings = {k: v for k, v in as_dict(cfg).items() if k not in ("device", "transcripts_csv", "enhance")}
     # The device kind decides the compute dtype (float16 on cuda); config/tokenizer files count.
     return {**settings, "weights": weights, "device": cfg.device.split(":")[0],
             "model_files": versions.model_files(path), "code": versions.fingerprint("asr")}
 
 
 def transcribe_audio(audio_store: str | os.PathLike, cfg: AsrConfig,
-                     out_dir: str | os.PathLike) -> Path:
-    """Transcripts for every clip: a user CSV entry wins, ASR fills in the rest (cached by key)."""
+                     out_dir: str | os.PathLike, raw_store: str | os.PathLike | None = None) -> Path:
+    """Transcripts for every clip: a user CSV entry wins, ASR fills in the rest (cached by key).
+    `audio_store` is the denoised audio; with `asr.enhance.select` the raw audio (`raw_store`) is
+    transcribed too and the more confident hypothesis kept (features/asr_enhance.py)."""
     given = load_transcripts_csv(cfg.transcripts_csv, cfg.language) if cfg.transcripts_csv else {}
     out, failures = Path(out_dir), FailureReport("asr")
     old = _old_transcripts(out / TRANSCRIPTS_FILE)
     fp = asr_fingerprint(cfg)
+    enhance = _enhance_settings(cfg, raw_store)
     texts: dict[str, dict] = {}
-    with StoreReader(audio_store, kind="audio") as src:
+    with StoreReader(audio_store, kind="audio") as src, _raw_reader(cfg, raw_store) as raw:
         keys = {cid: clip_key("asr-csv", given[cid]) if cid in given
-                else clip_key("asr", src.keys[cid], fp) for cid in src.ids}
+                else clip_key("asr", src.keys[cid], fp) if enhance is None
+                else clip_key("asr-enh", src.keys[cid], raw.keys.get(cid, "") if raw else "", fp, enhance)
+                for cid in src.ids}
         for cid, key in keys.items():
             if cid in given:
                 texts[cid] = {"text": given[cid], "source": "csv", "key": key}
@@ -122,23 +132,54 @@ def transcribe_audio(audio_store: str | os.PathLike, cfg: AsrConfig,
                 texts[cid] = old[cid]
         todo = [cid for cid in src.ids if cid not in texts]
         print(f"[asr] {len(keys)} clips: {len(keys) - len(todo)} cached or given, "
-              f"{len(todo)} to transcribe")
-        transcriber = make_transcriber(AsrConfig(**{**as_dict(cfg), "transcripts_csv": ""})) \
-            if todo else None
-
-        def work(clip_id, _):
-            texts[clip_id] = {"text": transcriber.transcribe(src.get(clip_id), clip_id),
-                              "source": cfg.backend, "key": keys[clip_id]}
+              f"{len(todo)} to transcribe" + (" (enhanced)" if enhance else ""))
+        work = _asr_work(cfg, src, raw, keys, texts) if todo else None
         # Save finished transcripts every few clips so a killed run resumes where it stopped.
         # ASR results of clips no longer in the input are kept (not shown) until a prune.
         kept = {c: e for c, e in old.items() if c not in keys and e.get("source") != "csv"}
-        save = lambda: write_json_atomic(out / TRANSCRIPTS_FILE, {"asr": fp, "transcripts": texts,  # noqa: E731
-                                                                  "kept": kept})
+        save = lambda: write_json_atomic(out / TRANSCRIPTS_FILE, {"asr": fp, "enhance": enhance,  # noqa: E731
+                                                                  "transcripts": texts, "kept": kept})
         for_each_clip(((cid, None) for cid in todo), work, failures, f"asr[{cfg.backend}]",
                       total=len(todo), checkpoint=save, reused=len(keys) - len(todo))
     save()
     failures.write(out / "failures.json")
     return out / TRANSCRIPTS_FILE
+
+
+def _enhance_settings(cfg: AsrConfig, raw_store) -> dict | None:
+    """The enhancement's part of the cache key (None when off); bad settings fail before any clip."""
+    if not cfg.enhance.on:
+        return None
+    if cfg.backend != "faster_whisper":
+        raise ConfigError(f"asr.enhance needs asr.backend: faster_whisper (its decoder reports the "
+                          f"log-probabilities the selection uses); it is {cfg.backend!r}. Switch the "
+                          "backend or turn asr.enhance off.")
+    if cfg.enhance.select and raw_store is None:
+        raise ConfigError("asr.enhance.select needs the raw audio store as well (stages.asr --raw-audio "
+                          "artifacts/audio/audio, as dvc.yaml passes it).")
+    return enhance_fingerprint(cfg.enhance)
+
+
+def _raw_reader(cfg: AsrConfig, raw_store):
+    return StoreReader(raw_store, kind="audio") if cfg.enhance.select else contextlib.nullcontext()
+
+
+def _asr_work(cfg: AsrConfig, src: StoreReader, raw: StoreReader | None, keys: dict, texts: dict):
+    """The per-clip function: plain ASR, or the enhancer (both load their models here, once)."""
+    plain = dataclasses.replace(cfg, transcripts_csv="")
+    if not cfg.enhance.on:
+        transcriber = make_transcriber(plain)
+
+        def work(clip_id, _):
+            texts[clip_id] = {"text": transcriber.transcribe(src.get(clip_id), clip_id),
+                              "source": cfg.backend, "key": keys[clip_id]}
+        return work
+    enhancer = Enhancer(load_backend(plain), cfg.enhance)
+
+    def work(clip_id, _):
+        wav_raw = raw.get(clip_id) if raw is not None and clip_id in raw.keys else None
+        texts[clip_id] = {**enhancer.transcribe(clip_id, src.get(clip_id), wav_raw), "key": keys[clip_id]}
+    return work
 
 
 def _old_transcripts(path: Path) -> dict:

@@ -28,7 +28,7 @@ MEDIA = {s.name: s for s in (
     Stage("prepare", MANIFEST, "artifacts/prepare/failures.json"),
     Stage("audio", "artifacts/audio/audio", "artifacts/audio/failures.json", ("prepare",)),
     Stage("denoise", "artifacts/denoise/denoised", "artifacts/denoise/failures.json", ("audio",)),
-    Stage("asr", "artifacts/asr/transcripts.json", "artifacts/asr/failures.json", ("denoise",)),
+    Stage("asr", "artifacts/asr/transcripts.json", "artifacts/asr/failures.json", ("audio", "denoise")),
     Stage("faces", "artifacts/faces/faces", "artifacts/faces/failures.json", ("prepare",)),
 )}
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Mapping
 
@@ -25,6 +25,7 @@ import numpy as np
 
 from features.asr import (AsrConfig, Hypothesis, load_backend, load_transcripts_csv, select_hypothesis,
                           transcribe_scored, wer)
+from features.asr_enhance import rewrite_all
 from features.clips import for_each_clip
 from features.config import as_dict, from_section
 from features.dataset import FeatureSet
@@ -43,6 +44,7 @@ from models.metrics import compute_metrics
 
 SCORES = "scores.json"
 ENHANCED = "+enh"
+REWRITTEN = "+enh+llm"  # the enhanced transcripts rewritten by asr.enhance.rewrite
 
 
 def run_condition(name: str, cfg: NoiseConfig, params: Mapping, manifest: str | os.PathLike,
@@ -59,8 +61,7 @@ def run_condition(name: str, cfg: NoiseConfig, params: Mapping, manifest: str | 
     texts = _transcripts(backends, cfg, params, work) if _needs_text(encoders, params) else {}
     faces = crop_faces(copies, from_section(FacesConfig, params["faces"], "faces"), work / "faces") \
         if _needs(encoders, params, "faces") else None
-    variants = {b: b for b in backends} | ({f"{b}{ENHANCED}": b for b in backends if b != "none"}
-                                           if cfg.enhance and "none" in backends else {})
+    variants = {b: b for b in backends} | {v: _backend_of(v) for v in texts if v not in backends}
     views = {v: _embed_variant(v, b, encoders, params, backends, texts, faces, work) for v, b in variants.items()}
     refs = load_transcripts_csv(cfg.reference) if cfg.reference else {}
     lineage = read_lineage(work / "copies/lineage.csv")
@@ -70,6 +71,10 @@ def run_condition(name: str, cfg: NoiseConfig, params: Mapping, manifest: str | 
               "wer": _wers(texts, refs, lineage)}
     write_json_atomic(out / SCORES, result)
     return result
+
+
+def _backend_of(variant: str) -> str:
+    return variant.split("+", 1)[0]
 
 
 def _load_head(path: Path):
@@ -117,7 +122,7 @@ def _denoise(audio: Path, cfg: NoiseConfig, params: Mapping, work: Path) -> dict
 def _transcripts(backends: dict[str, Path], cfg: NoiseConfig, params: Mapping, work: Path) -> dict[str, Path]:
     """variant -> transcripts.json (the asr stage's format): one per backend, plus `+enh`."""
     asr = from_section(AsrConfig, params["asr"], "asr")
-    asr = AsrConfig(**{**as_dict(asr), "transcripts_csv": ""})  # copies are never in the user CSV
+    asr = replace(asr, transcripts_csv="")  # copies are never in the user CSV
     hyps = {b: scored_transcripts(store, asr, work / f"asr_{b}") for b, store in backends.items()}
     out = {b: _write_texts(work / f"asr_{b}" / "transcripts.json", {c: h for c, h in hs.items()}, b)
            for b, hs in hyps.items()}
@@ -127,6 +132,13 @@ def _transcripts(backends: dict[str, Path], cfg: NoiseConfig, params: Mapping, w
                       for c in hyps[b] if c in hyps["none"]}
             out[f"{b}{ENHANCED}"] = _write_texts(work / f"asr_{b}{ENHANCED}" / "transcripts.json", chosen,
                                                  f"{b}{ENHANCED}")
+            if asr.enhance.rewrite.on:  # the optional LLM step after the selection: its own variant
+                cases = {c: (list(dict.fromkeys([hyps["none"][c].text, hyps[b][c].text])), h.text)
+                         for c, h in chosen.items()}
+                done = rewrite_all(cases, asr.enhance.rewrite, work / f"asr_{b}{REWRITTEN}" / "rewrites.json")
+                llm = {c: replace(h, text=done[c]["text"]) for c, h in chosen.items()}
+                out[f"{b}{REWRITTEN}"] = _write_texts(work / f"asr_{b}{REWRITTEN}" / "transcripts.json", llm,
+                                                      f"{b}{REWRITTEN}")
     return out
 
 

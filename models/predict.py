@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -121,7 +122,7 @@ def _run_stages(clips: list[Clip], encoders: list[str], params: Mapping, work: P
         "denoise": lambda: denoise_audio(at["audio"],
                                          from_section(DenoiseConfig, params["denoise"], "denoise"),
                                          at["denoise"].parent),
-        "asr": lambda: transcribe_audio(at["denoise"], _asr_config(params), at["asr"].parent),
+        "asr": lambda: transcribe_audio(at["denoise"], _asr_config(params), at["asr"].parent, at["audio"]),
         "faces": lambda: crop_faces(manifest, from_section(FacesConfig, params["faces"], "faces"),
                                     at["faces"].parent),
     }
@@ -144,7 +145,7 @@ def _in_work(work: Path, path: str) -> Path:
 
 def _asr_config(params: Mapping) -> AsrConfig:
     cfg = from_section(AsrConfig, params["asr"], "asr")
-    return AsrConfig(**{**as_dict(cfg), "transcripts_csv": ""})  # new clips are not in the CSV
+    return dataclasses.replace(cfg, transcripts_csv="")  # new clips are not in the CSV
 
 
 def _guarded(run, stage: str, clips: list[Clip], failed: dict[str, str], report: Path) -> None:
