@@ -11,6 +11,7 @@ import csv
 import os
 import subprocess
 import tempfile
+import threading
 import wave
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -22,7 +23,7 @@ from features.clips import for_each_clip
 from features.config import as_dict, from_section
 from features.errors import ClipError, ConfigError
 from features.manifest import Clip, read_manifest, write_manifest
-from features.media import ffmpeg_exe, load_audio, probe, sha256_file
+from features.media import DECODE_TIMEOUT_S, ffmpeg_exe, load_audio, probe, sha256_file
 from features.noise import (ConditionConfig, Recipe, babble, clip_rng, draw, fit_noise, mix_at_snr,
                             noise_files, pink_noise, white_noise)
 from features.reports import FailureReport, read_json, write_json_atomic
@@ -183,9 +184,8 @@ def _degrade(frame: np.ndarray, blur: int, cond: ConditionConfig) -> np.ndarray:
 def write_video(clip: Clip, audio: np.ndarray, path: Path, degrade) -> None:
     """Frames of `clip` through `degrade`, with `audio` (16 kHz mono), as MPEG-4/AAC mp4 (ffmpeg's
     native encoders, in every build; quality 2 so the codec adds little to the degradation).
-    Written to a temporary name and renamed, so a killed run never leaves half a file."""
-    import cv2
-
+    Written to a temporary name and renamed, so a killed run never leaves half a file; ffmpeg is
+    stopped after MER_DECODE_TIMEOUT_S (the clip then fails with reason `timeout`)."""
     info = probe(clip.path, clip.clip_id)
     tmp = path.with_name(path.stem + ".tmp.mp4")
     with tempfile.TemporaryDirectory() as td:
@@ -200,25 +200,51 @@ def write_video(clip: Clip, audio: np.ndarray, path: Path, degrade) -> None:
             cmd += ["-map", "0:v", "-map", "1:a", "-c:v", "mpeg4", "-q:v", "2",
                     "-pix_fmt", "yuv420p", "-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2", "-threads", "1"]
         cmd += ["-c:a", "aac", "-b:a", "128k", str(tmp)]
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if info.has_video else None,
-                                stderr=subprocess.PIPE)
-        if info.has_video:
-            cap = cv2.VideoCapture(str(clip.path))
+        with tempfile.TemporaryFile() as errors:  # a file, not a pipe: stderr can never block ffmpeg
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if info.has_video else None, stderr=errors)
+            timed_out = threading.Event()
+            killer = threading.Timer(DECODE_TIMEOUT_S, lambda: (timed_out.set(), proc.kill()))
+            killer.start()
             try:
-                while True:
-                    ok, frame = cap.read()
-                    if not ok:
-                        break
-                    proc.stdin.write(np.ascontiguousarray(degrade(frame)).tobytes())
+                if info.has_video:
+                    _pipe_frames(clip, proc, degrade)
+                code = proc.wait()
             finally:
-                cap.release()
-                proc.stdin.close()
-        err = proc.stderr.read().decode("utf-8", "replace")
-        if proc.wait() != 0:
+                killer.cancel()
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            errors.seek(0)
+            err = errors.read().decode("utf-8", "replace").strip()
+        if timed_out.is_set() or code != 0:
             tmp.unlink(missing_ok=True)
-            raise ClipError(clip.clip_id, "copy_failed", f"ffmpeg could not write the noisy copy: "
-                            f"{err.strip().splitlines()[-1] if err.strip() else 'unknown error'}")
+            why = f"took over {DECODE_TIMEOUT_S:g} s and was stopped (MER_DECODE_TIMEOUT_S)" \
+                if timed_out.is_set() else (err.splitlines()[-1] if err else "unknown error")
+            raise ClipError(clip.clip_id, "timeout" if timed_out.is_set() else "copy_failed",
+                            f"ffmpeg could not write the noisy copy: {why}")
     os.replace(tmp, path)
+
+
+def _pipe_frames(clip: Clip, proc: subprocess.Popen, degrade) -> None:
+    """Each decoded frame, degraded, into ffmpeg's stdin; an ffmpeg that died (or was stopped)
+    ends the loop and its exit code tells why."""
+    import cv2
+
+    cap = cv2.VideoCapture(str(clip.path))
+    try:
+        while True:
+            ok, frame = cap.read()
+            if not ok:
+                break
+            proc.stdin.write(np.ascontiguousarray(degrade(frame)).tobytes())
+    except (BrokenPipeError, ValueError):
+        pass
+    finally:
+        cap.release()
+        try:
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass
 
 
 def _write_wav(path: Path, audio: np.ndarray) -> None:

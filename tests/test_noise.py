@@ -227,3 +227,25 @@ def test_wer_of_copies_is_scored_against_their_source_clip(tmp_path):
     lineage = [{"clip_id": "a__n", "source_id": "a"}, {"clip_id": "b__n", "source_id": "b"}]
     assert _wers({"none": tmp_path / "t.json"}, {"a": "Call me now.", "b": "Hello there"}, lineage) == \
         {"none": round(1 / 5, 4)}
+
+
+def test_a_hung_ffmpeg_fails_its_copy_with_reason_timeout(corpus, tmp_path, monkeypatch):
+    """ffmpeg writing a copy is stopped after MER_DECODE_TIMEOUT_S: that clip fails with reason
+    `timeout` (no half-written file is left) and the other clips are still made."""
+    import features.noisy_copies as nc
+
+    real = nc.write_video
+
+    def slow_for_c1(clip, audio, path, degrade):
+        if clip.clip_id == "c1":
+            monkeypatch.setattr(nc, "DECODE_TIMEOUT_S", 0.0)  # the killer fires at once
+        try:
+            return real(clip, audio, path, degrade)
+        finally:
+            monkeypatch.setattr(nc, "DECODE_TIMEOUT_S", 300.0)
+    monkeypatch.setattr(nc, "write_video", slow_for_c1)
+    out = make_copies(corpus / "voiced.csv", "w", _cfg(w={"noise": "white", "snr_db": 10}), tmp_path / "t")
+    assert [c.clip_id for c in read_manifest(out)] == ["c0__w", "c2__w", "c3__w"]
+    fails = json.loads((tmp_path / "t/failures.json").read_text())["failures"]
+    assert [(f["clip_id"], f["reason"]) for f in fails] == [("c1", "timeout")]
+    assert not list((tmp_path / "t").rglob("*.tmp.mp4"))
