@@ -31,6 +31,9 @@ def machine() -> dict[str, Any]:
         "cpu": _cpu_model(),
         "cpu_cores": os.cpu_count(),
         "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        # 1/5/15-minute load averages when the result was saved: above the core count, other work
+        # shared the CPU and absolute times are inflated (ratios from one run less so)
+        "load_average": [round(x, 2) for x in os.getloadavg()],
     }
     try:
         import torch

@@ -149,10 +149,15 @@ def tiny_params(models: dict) -> dict:
 def new_project(proj: Path, models: dict) -> None:
     for name in ("features", "models", "stages"):
         shutil.copytree(ROOT / name, proj / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".gitignore"):
-        shutil.copy(ROOT / name, proj / name)
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    stages["stages"].pop("noise_report", None)  # nothing to report: this project has no noise conditions
+    (proj / "dvc.yaml").write_text(yaml.safe_dump(stages, sort_keys=False))
+    shutil.copy(ROOT / ".gitignore", proj / ".gitignore")
     (proj / "data/video").mkdir(parents=True, exist_ok=True)
     (proj / "data/unlabelled").mkdir(exist_ok=True)
+    for name in ("uniform_priors.json", "no_transcripts.csv"):  # data files params.yaml names as deps
+        if (ROOT / "data" / name).is_file():
+            shutil.copy(ROOT / "data" / name, proj / "data" / name)
     (proj / "params.yaml").write_text(yaml.safe_dump(tiny_params(models)))
     git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
     for cmd in (["git", "init", "-q"], [DVC, "init", "-q"],
@@ -405,7 +410,14 @@ def main(argv=None) -> None:
         if add is None:
             from features.standins import build_standins
             build_standins(work / "standins", seed=0)
-        noop = bench_noop(work, args.noop_clips, args.noop_seconds) if "noop" not in args.skip else None
+        if add is not None:  # (b) can fail on its own; print (a) first so its numbers are never lost
+            print_tables(add, None)
+        noop, noop_error = None, None
+        try:
+            noop = bench_noop(work, args.noop_clips, args.noop_seconds) if "noop" not in args.skip else None
+        except RuntimeError as err:  # keep (a)'s results: save them with the error
+            noop_error = str(err)[-3000:]
+            print(f"no-op part failed: {noop_error}", file=sys.stderr)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -421,7 +433,7 @@ def main(argv=None) -> None:
         "cached_rerun_command_s": {k: v["command_s"] for k, v in add["cached_rerun"].items()}
         if add else None,
     }
-    results = {"add_1pct": add, "noop": noop, "total_s": round(time.perf_counter() - start, 1),
+    results = {"add_1pct": add, "noop": noop, "noop_error": noop_error, "total_s": round(time.perf_counter() - start, 1),
                "stages_in_add": {
                    "extract": "dvc repro faces embed@hubert embed@minilm: prepare, audio, "
                               "denoise(deepfilternet), "
