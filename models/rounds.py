@@ -192,9 +192,7 @@ def fold_probs(head_dir: Path, features_dir, ids: list[str], n_folds: int) -> np
     if not ids:
         return np.zeros((n_folds, 0, len(CLASSES)))
     with FeatureSet(features_dir) as features:
-        return np.stack([HeadPredictor(dataclasses.replace(
-            bundle, state={**bundle.state, "folds": [m]})).predict(features, ids)
-            for m in members])
+        return HeadPredictor(bundle).predict_folds(features, ids)
 
 
 def oof_metrics(head_dir: Path) -> dict:
