@@ -27,3 +27,27 @@ def test_profile_with_edited_paths_builds_every_config(tmp_path):
     params["embed"]["encoders"]["hubert"]["poolling"] = "mean"
     with pytest.raises(ConfigError, match="embed.encoders.hubert: unknown key"):
         check_configs(params)
+
+
+def test_repro_mode_changes_only_ids_paths_and_gpu_settings_unless_recorded():
+    """benchmarks/mer2024_profile.py --mode repro: with the profile's own epochs and noise.clips,
+    every difference from the shipped profile is an id/path, a GPU->CPU setting or the ASR
+    stand-in; shortened settings are listed with a reason; an unexplained change stops it."""
+    from mer2024_profile import deviations, repro_profile
+
+    models = {name: f"/scratch/{name}" for name in ("hubert", "clip", "llm")}
+    shipped = yaml.safe_load((ROOT / "params.mer2024.yaml").read_text())
+    params = repro_profile(models, "/scratch/se", "/scratch/noise", adapt_epochs=99, noise_clips=0)
+    kinds = {d["key"]: d["kind"] for d in deviations(params)}
+    assert set(kinds.values()) <= {"path", "cpu", "standin"}
+    assert kinds["asr.model"] == "standin" and kinds["denoise.device"] == "cpu"
+    assert {k for k, v in kinds.items() if v == "cpu"} >= {
+        f"{s}.{n}.device" for s in ("adapt", "joint") for n in shipped[s]}
+    short = repro_profile(models, "/scratch/se", "/scratch/noise", adapt_epochs=2, noise_clips=6,
+                          joint_epochs=1)
+    timed = {d["key"] for d in deviations(short) if d["kind"] == "time"}
+    assert timed == {"noise.clips"} | {f"joint.{n}.epochs" for n in shipped["joint"]} | {
+        f"adapt.{n}.epochs" for n, a in shipped["adapt"].items() if a["encoder"] == "hubert"}
+    short["probe"]["epochs"] = 1
+    with pytest.raises(RuntimeError, match="probe.epochs: 20 -> 1 has no reason"):
+        deviations(short)
