@@ -164,6 +164,9 @@ class Transcriber:
 class FasterWhisper:
     def __init__(self, cfg: AsrConfig):
         if cfg.device != "cuda":
+            if "float16" in cfg.compute_type:  # CTranslate2 has no float16 kernels on CPU
+                raise ConfigError(f"asr.compute_type {cfg.compute_type!r} needs asr.device: cuda; on CPU "
+                                  "use int8 (fast) or float32 (the same words on every CPU).")
             pin_ctranslate2(cfg.cpu_isa)  # before CTranslate2 loads: it reads these once
         from faster_whisper import WhisperModel
 

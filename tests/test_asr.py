@@ -80,6 +80,12 @@ def test_faster_whisper_refuses_a_folder_without_ctranslate2_weights(tmp_path):
         make_transcriber(AsrConfig(model=str(tmp_path)))
 
 
+def test_faster_whisper_float16_on_cpu_is_a_clear_error():
+    """A GPU profile moved to CPU keeps compute_type float16, which CTranslate2 cannot run there."""
+    with pytest.raises(ConfigError, match="needs asr.device: cuda"):
+        make_transcriber(AsrConfig(device="cpu", compute_type="int8_float16"))
+
+
 def test_faster_whisper_hub_name_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="faster-whisper could not load it"):
