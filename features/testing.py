@@ -85,3 +85,24 @@ def speech_like(seconds: float = 2.0, sr: int = 16000, seed: int = 0) -> np.ndar
     syllables = np.clip(np.sin(2 * np.pi * 2.0 * t), 0, None) ** 0.5  # 0.25 s on, 0.25 s off
     out *= syllables
     return (0.3 * out / np.max(np.abs(out))).astype(np.float32)
+
+
+def tiny_llama(folder: str | Path, words: list[str], layers: int = 3, max_positions: int = 64,
+               seed: int = 0) -> str:
+    """A random Llama (width 32) with a word-level tokenizer over `words`, saved like a user's
+    model folder (tests of the LLM paths: adapt@, the ASR rewrite)."""
+    import torch
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tok_models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(seed)
+    vocab = {w: i for i, w in enumerate(["<unk>", "</s>", *words])}
+    backend = Tokenizer(tok_models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>").save_pretrained(folder)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                         eos_token_id=1, bos_token_id=1)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return str(folder)

@@ -13,18 +13,15 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from peft import LoraConfig, inject_adapter_in_model  # noqa: E402
-from tokenizers import Tokenizer, models as tok_models, pre_tokenizers  # noqa: E402
 from transformers import (  # noqa: E402
     HubertConfig,
     HubertModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
     Wav2Vec2FeatureExtractor,
 )
 
 from features.dataset import FeatureSet  # noqa: E402
 from features.encoders import EncoderConfig, load_encoder  # noqa: E402
+from features import testing  # noqa: E402
 from features.errors import ConfigError, ModelLoadError  # noqa: E402
 from features.manifest import Clip, write_manifest  # noqa: E402
 from features.store import StoreReader, StoreUpdate, clip_key  # noqa: E402
@@ -58,16 +55,7 @@ def tiny_hubert(folder, layers=4, seed=0):
 
 
 def tiny_llama(folder):
-    torch.manual_seed(0)
-    vocab = {w: i for i, w in enumerate(["<unk>", "</s>", *WORDS])}
-    backend = Tokenizer(tok_models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>").save_pretrained(folder)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         eos_token_id=1, bos_token_id=1)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return str(folder)
+    return testing.tiny_llama(folder, WORDS)
 
 
 def digest(module: torch.nn.Module) -> str:

