@@ -40,6 +40,7 @@ class RewriteConfig:
     max_change: float = 0.3  # keep the ASR text when the rewrite edits more than this share of words
     device: str = "cpu"
     trust_remote_code: bool = False
+    instruction: str = ""  # "" = INSTRUCTION (English); give your own for other languages (MER2024: zh)
 
     def __post_init__(self):
         if not 0 <= self.max_change:
@@ -52,9 +53,9 @@ class RewriteConfig:
         return bool(self.model)
 
 
-def prompt_text(candidates: list[str]) -> str:
+def prompt_text(candidates: list[str], instruction: str = "") -> str:
     lines = [f"Candidate {i}: {c or '(nothing heard)'}" for i, c in enumerate(candidates, 1)]
-    return INSTRUCTION + "\n\n" + "\n".join(lines)
+    return (instruction or INSTRUCTION) + "\n\n" + "\n".join(lines)
 
 
 def first_sentence(generated: str) -> str:
@@ -93,7 +94,7 @@ def fingerprint(cfg: RewriteConfig) -> dict:
                           f"({missing or 'no .safetensors/.bin/.gguf'}); check the folder and gguf_file.")
     settings = {k: v for k, v in vars(cfg).items() if k != "device"}
     return {**settings, "weights": {f.name: sha256_file(f) for f in files},
-            "model_files": versions.model_files(folder), "prompt": INSTRUCTION}
+            "model_files": versions.model_files(folder), "prompt": cfg.instruction or INSTRUCTION}
 
 
 class Rewriter:
@@ -125,7 +126,7 @@ class Rewriter:
         self.model = model.to(cfg.device).eval()
 
     def _encode(self, candidates: list[str]):
-        text = prompt_text(candidates)
+        text = prompt_text(candidates, self.cfg.instruction)
         if getattr(self.tokenizer, "chat_template", None):
             ids = self.tokenizer.apply_chat_template([{"role": "user", "content": text}],
                                                      add_generation_prompt=True, return_tensors="pt")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from features.asr import AsrConfig
 from features.asr_enhance import (EnhanceConfig, Rewriter, RewriteConfig, change_ratio, first_sentence,
-                                  fingerprint, rewrite_all)
+                                  fingerprint, prompt_text, rewrite_all)
 from features.errors import ConfigError, ModelLoadError
 from features.extract import asr_fingerprint, read_transcripts, transcribe_audio
 from features.media import load_audio
@@ -67,6 +67,9 @@ def test_rewrite_fingerprint_follows_settings_and_weights(lm, tmp_path):
     base = fingerprint(RewriteConfig(model=lm))
     assert base == fingerprint(RewriteConfig(model=lm, device="cuda"))  # the device does not count
     assert base != fingerprint(RewriteConfig(model=lm, max_change=0.5))
+    own = RewriteConfig(model=lm, instruction="把下面的语音识别结果改写成正确的句子。")
+    assert fingerprint(own)["prompt"] == own.instruction and base["prompt"] != own.instruction
+    assert prompt_text(["a b"], own.instruction).startswith(own.instruction)
     other = tiny_lm(tmp_path / "other", seed=1)
     assert base["weights"] != fingerprint(RewriteConfig(model=other))["weights"]
     with pytest.raises(ConfigError, match="no such folder"):
