@@ -147,24 +147,42 @@ def tiny_params(models: dict) -> dict:
 
 
 def new_project(proj: Path, models: dict) -> None:
-    for name in ("features", "models", "stages"):
-        shutil.copytree(ROOT / name, proj / name, ignore=shutil.ignore_patterns("__pycache__"))
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())
-    stages["stages"].pop("noise_report", None)  # nothing to report: this project has no noise conditions
-    (proj / "dvc.yaml").write_text(yaml.safe_dump(stages, sort_keys=False))
-    shutil.copy(ROOT / ".gitignore", proj / ".gitignore")
+    # nothing to report: this project has no noise conditions
+    copy_code(proj, drop_stages=("noise_report",))
     (proj / "data/video").mkdir(parents=True, exist_ok=True)
     (proj / "data/unlabelled").mkdir(exist_ok=True)
     for name in ("uniform_priors.json", "no_transcripts.csv"):  # data files params.yaml names as deps
         if (ROOT / "data" / name).is_file():
             shutil.copy(ROOT / "data" / name, proj / "data" / name)
     (proj / "params.yaml").write_text(yaml.safe_dump(tiny_params(models)))
+    commit_project(proj, "benchmark project")
+
+
+def copy_code(proj: Path, drop_stages: tuple[str, ...] = ()) -> None:
+    """This repository's code, dvc.yaml (less `drop_stages`) and .gitignore into `proj`."""
+    for name in ("features", "models", "stages"):
+        shutil.copytree(ROOT / name, proj / name, ignore=shutil.ignore_patterns("__pycache__"))
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    for name in drop_stages:
+        stages["stages"].pop(name, None)
+    (proj / "dvc.yaml").write_text(yaml.safe_dump(stages, sort_keys=False))
+    shutil.copy(ROOT / ".gitignore", proj / ".gitignore")
+
+
+def commit_project(proj: Path, message: str) -> None:
+    """git + DVC init and a first commit, as in any real checkout (dvclive in train@* needs a HEAD)."""
     git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
-    for cmd in (["git", "init", "-q"], [DVC, "init", "-q"],
-                [DVC, "config", "core.analytics", "false"],
-                # a first commit, as in any real checkout (dvclive in train@* needs a HEAD)
-                ["git", "add", "-A"], [*git, "commit", "-qm", "benchmark project"]):
+    for cmd in (["git", "init", "-q"], [DVC, "init", "-q"], [DVC, "config", "core.analytics", "false"],
+                ["git", "add", "-A"], [*git, "commit", "-qm", message]):
         subprocess.run(cmd, cwd=proj, check=True, env=env(), capture_output=True)
+
+
+def stage_times(lines: list[tuple[float, str]], total: float, digits: int = 2) -> dict[str, float]:
+    """Per-stage wall seconds of a timestamped `dvc repro` log: from each "Running stage" line
+    to the next (the last to `total`)."""
+    marks = [(t, m.group(1)) for t, text in lines if (m := re.match(r"Running stage '([^']+)'", text))]
+    return {name: round((marks[i + 1][0] if i + 1 < len(marks) else total) - t, digits)
+            for i, (t, name) in enumerate(marks)}
 
 
 def repro(proj: Path, *args: str) -> dict:
@@ -179,13 +197,11 @@ def repro(proj: Path, *args: str) -> dict:
     log = "\n".join(text for _, text in lines)
     if rc != 0:
         raise RuntimeError(f"dvc repro failed ({rc}):\n{log[-4000:]}")
-    marks = [(t, m.group(1)) for t, text in lines
-             if (m := re.match(r"Running stage '([^']+)'", text))]
-    stages = {name: round((marks[i + 1][0] if i + 1 < len(marks) else total) - t, 2)
-              for i, (t, name) in enumerate(marks)}
+    stages = stage_times(lines, total)
+    first = next((t for t, text in lines if text.startswith("Running stage '")), None)
     counts = [text for _, text in lines if re.match(r"\[[^\]]+\] \d+ clips:", text)]
     loops = [text for _, text in lines if re.search(r"clips done, .* s \(", text)]
-    return {"total_s": round(total, 2), "until_first_stage_s": round(marks[0][0], 2) if marks else None,
+    return {"total_s": round(total, 2), "until_first_stage_s": round(first, 2) if first is not None else None,
             "stages_s": stages, "cache_lines": counts, "loop_lines": loops, "log": log}
 
 

@@ -353,12 +353,9 @@ def scratch_project(proj: Path, params: dict, labelled: int, test: int, unlabell
     """A git+DVC project with this repository's code and dvc.yaml (as benchmarks/incremental.py
     builds it), the edited profile as params.yaml, and synthetic clips laid out as MER2024's:
     labelled and `test` (no label) clips in the video folder, the `unlabelled` pool apart."""
-    from incremental import DVC, env, make_clips, write_labels, write_transcripts
+    from incremental import commit_project, copy_code, make_clips, write_labels, write_transcripts
 
-    for name in ("features", "models", "stages"):
-        shutil.copytree(ROOT / name, proj / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".gitignore"):
-        shutil.copy(ROOT / name, proj / name)
+    copy_code(proj)
     (proj / "data").mkdir(parents=True, exist_ok=True)
     shutil.copy(ROOT / params["priors"]["file"], proj / params["priors"]["file"])
     rng = np.random.default_rng(0)
@@ -369,10 +366,7 @@ def scratch_project(proj: Path, params: dict, labelled: int, test: int, unlabell
     write_labels(proj / "data/labels.csv", names)
     write_transcripts(proj / "data/transcription.csv", names + tests + pool)
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
-    for cmd in (["git", "init", "-q"], [DVC, "init", "-q"], [DVC, "config", "core.analytics", "false"],
-                ["git", "add", "-A"], [*git, "commit", "-qm", "mer2024 profile project"]):
-        subprocess.run(cmd, cwd=proj, check=True, env=env(), capture_output=True)
+    commit_project(proj, "mer2024 profile project")
     return {"labelled": len(names), "test": len(tests), "unlabelled": len(pool), "seconds": lengths,
             "total_audio_s": round(sum(lengths), 1)}
 
@@ -380,7 +374,7 @@ def scratch_project(proj: Path, params: dict, labelled: int, test: int, unlabell
 def run_repro(proj: Path) -> dict:
     """`dvc repro --keep-going` under /usr/bin/time (peak RSS of the largest process in the tree);
     per-stage wall time between DVC's "Running stage" lines, as benchmarks/incremental.py."""
-    from incremental import DVC, env
+    from incremental import DVC, env, stage_times
 
     start = time.perf_counter()
     proc = subprocess.Popen(["/usr/bin/time", "-f", "MAXRSS_KB %M", DVC, "repro", "--keep-going"],
@@ -393,9 +387,7 @@ def run_repro(proj: Path) -> dict:
     rc = proc.wait()
     total = time.perf_counter() - start
     log = "\n".join(text for _, text in lines)
-    marks = [(t, m.group(1)) for t, text in lines if (m := re.match(r"Running stage '([^']+)'", text))]
-    stages = {name: round((marks[i + 1][0] if i + 1 < len(marks) else total) - t, 1)
-              for i, (t, name) in enumerate(marks)}
+    stages = stage_times(lines, total, digits=1)
     failed = sorted(set(re.findall(r"failed to reproduce '([^']+)'", log))
                     | set(re.findall(r"ERROR: .*?stage: '([^']+)'", log)))
     rss = re.findall(r"MAXRSS_KB (\d+)", log)
