@@ -26,7 +26,6 @@ from features.config import resolve_model_path
 from features.errors import ConfigError, ModelLoadError
 from features.hashcache import sha256_file
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 INSTRUCTION = ("You fix speech recognition errors. The candidates below are automatic transcripts of "
                "one spoken English sentence. Reply with the sentence that was most likely spoken, "
                "and nothing else.")
@@ -87,11 +86,11 @@ def fingerprint(cfg: RewriteConfig) -> dict:
     elif cfg.gguf_file:
         files = [folder / cfg.gguf_file]
     else:
-        files = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+        files = sorted(p for p in folder.iterdir() if p.suffix in versions.WEIGHT_SUFFIXES)
     missing = [f.name for f in files if not f.is_file()]
     if not files or missing:
         raise ConfigError(f"asr.enhance.rewrite.model {cfg.model!r}: no weights found "
-                          f"({missing or 'no .safetensors/.bin/.gguf'}); check the folder and gguf_file.")
+                          f"({missing or 'no weight files'}); check the folder and gguf_file.")
     settings = {k: v for k, v in vars(cfg).items() if k != "device"}
     return {**settings, "weights": {f.name: sha256_file(f) for f in files},
             "model_files": versions.model_files(folder), "prompt": cfg.instruction or INSTRUCTION}
@@ -152,6 +151,11 @@ class Rewriter:
         return new, True
 
 
+def verdict(kept: bool) -> str:
+    """What a transcripts entry records of the rewrite."""
+    return "kept" if kept else "refused by the guard"
+
+
 @dataclass
 class EnhanceConfig:
     select: bool = False  # per clip, the more confident of raw-audio and denoised ASR
@@ -183,7 +187,7 @@ class Enhancer:
                  "hypotheses": [{**asdict(h), "avg_logprob": _finite(h.avg_logprob)} for h in hyps]}
         if self.rewriter is not None:
             text, kept = self.rewriter.rewrite(list(dict.fromkeys(h.text for h in hyps)), best.text)
-            entry.update(text=text, rewrite="kept" if kept else "refused by the guard")
+            entry.update(text=text, rewrite=verdict(kept))
             entry["source"] += "+llm" if kept else ""
         return entry
 
@@ -208,6 +212,6 @@ def rewrite_all(cases: dict[str, tuple[list[str], str]], cfg: RewriteConfig, pat
     rewriter = Rewriter(cfg) if todo else None
     for c in tqdm(todo, desc="llm rewrite", unit="clip", disable=not todo):
         text, kept = rewriter.rewrite(*cases[c])
-        done[c] = {"text": text, "rewrite": "kept" if kept else "refused by the guard", "key": keys[c]}
+        done[c] = {"text": text, "rewrite": verdict(kept), "key": keys[c]}
     write_json_atomic(path, {"rewrites": done})
     return done

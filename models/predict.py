@@ -8,9 +8,9 @@ in a stage, gets a per-file error and the others go on.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -19,7 +19,7 @@ import numpy as np
 
 from features import lineage, pipeline
 from features.asr import AsrConfig
-from features.config import as_dict, from_section
+from features.config import from_section
 from features.dataset import FeatureSet
 from features.denoise import DenoiseConfig
 from features.embed import embed_store
