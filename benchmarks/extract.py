@@ -1,4 +1,4 @@
-"""Extraction throughput: the embed stage (features.engine via embed_store) vs a MERTools-style loop.
+"""Extraction throughput: the embed stage (features.embedding.engine via embed_store) vs a MERTools-style loop.
 
     python benchmarks/extract.py --quick        # CPU, small random models, a few minutes
     python benchmarks/extract.py --precision    # CPU: fp32 vs dtype bfloat16 vs quantize int8 (~10 min)
@@ -18,7 +18,7 @@ from the model config (matmuls, convs, attention scores) and compared with a mea
 decoder) at 4 layers, and times the embed stage in float32, `dtype: bfloat16` and `quantize:
 int8` against the fp32 loop. Fidelity against the fp32 stage on the same clips: the minimum
 cosine similarity of pooled vectors per layer, and the change in a ridge probe's out-of-fold
-weighted F1 (models.probing, 4 folds) on a class signal planted in the inputs (tone pitch,
+weighted F1 (models.training.layer_probing, 4 folds) on a class signal planted in the inputs (tone pitch,
 face-crop colour, word choice), so the probe has something to find.
 """
 from __future__ import annotations
@@ -37,10 +37,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save, timer  # noqa: E402  (common puts the repo root on sys.path)
 
-from features.embed import embed_store  # noqa: E402
+from features.embedding.stage import embed_store  # noqa: E402
 from features.encoders import EncoderConfig, load_encoder  # noqa: E402
-from features.reports import write_json_atomic  # noqa: E402
-from features.store import write_store  # noqa: E402
+from features.reliability.reports import write_json_atomic  # noqa: E402
+from features.storage.store import write_store  # noqa: E402
 
 # (clips, model size) per mode; GPU sizes are the real architectures.
 SIZES = {
@@ -275,8 +275,8 @@ def min_cosine_per_layer(a: np.ndarray, b: np.ndarray) -> list[float]:
 
 def precision_family(family: str, path: str, src: Path, items: dict, work: Path, batch: int) -> dict:
     """fp32 loop vs the stage in each of PRECISIONS: speed-up and fidelity against stage fp32."""
-    from models.probing import ProbeConfig, probe_layers
-    from features.store import StoreReader
+    from models.training.layer_probing import ProbeConfig, probe_layers
+    from features.storage.store import StoreReader
 
     base = dict(family=family, model=path, pooling={"vision": "cls", "text": "last"}.get(family, "mean"),
                 layers_frames=[-1], device="cpu", batch_size=batch, store_dtype="float32")

@@ -9,7 +9,7 @@ in layers 14-20 of each so the numbers mean something. Frame-level states are ke
 layer ([1, T, 1024] per clip; T defaults to 24 frames instead of ~210 for a 4 s HuBERT clip, to
 keep the temporary store small: the frame heads segment-pool every clip to `max_frames` (8) as
 they load it, so T changes only the read time). Every head runs through the stage function
-`models.run.train_head` (store read + k-fold + predictions), on the manifest's 5 folds, with the
+`models.training.stage.train_head` (store read + k-fold + predictions), on the manifest's 5 folds, with the
 settings of the MER2024 profile (`params.mer2024.yaml` train.heads, on CPU), `layer: best` read
 from the probe outputs made here.
 Targets (issue 5): every head under 60 s; all-layer probing of one encoder under 60 s.
@@ -29,14 +29,14 @@ from common import ROOT, save, timer  # noqa: E402
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
-from features.manifest import CLASSES, Clip, assign_folds, write_manifest  # noqa: E402
-from features.store import StoreUpdate, clip_key  # noqa: E402
-from models import registry  # noqa: E402
-from models.bundles import PREDICTIONS, read_predictions  # noqa: E402
-from models.config import train_config  # noqa: E402
-from models.metrics import compute_metrics  # noqa: E402
-from models.probing import ProbeConfig, probe_encoder  # noqa: E402
-from models.run import train_head  # noqa: E402
+from features.media.manifest import CLASSES, Clip, assign_folds, write_manifest  # noqa: E402
+from features.storage.store import StoreUpdate, clip_key  # noqa: E402
+from models.heads import registry  # noqa: E402
+from models.training.bundles import PREDICTIONS, read_predictions  # noqa: E402
+from models.training.train_config import train_config  # noqa: E402
+from models.evaluation.metrics import compute_metrics  # noqa: E402
+from models.training.layer_probing import ProbeConfig, probe_encoder  # noqa: E402
+from models.training.stage import train_head  # noqa: E402
 
 COUNTS = {"neutral": 1248, "angry": 1208, "happy": 1038, "sad": 730, "worried": 616,
           "surprise": 190}  # MER2024 labelled set

@@ -3,7 +3,7 @@
     python benchmarks/incremental.py [--clips 450] [--noop-clips 5000] [--workdir DIR] [--keep]
 
 (a) add_1pct_cost_ratio: a fresh git+DVC project holding this repository's code and dvc.yaml (as
-    tests/test_pipeline.py builds it) with N synthetic labelled clips of MER2024-like lengths
+    tests/stages/test_pipeline.py builds it) with N synthetic labelled clips of MER2024-like lengths
     (log-normal, mean 4.25 s, median 3.81 s) and the demo pipeline with tiny models. Timed in two
     parts, each a `dvc repro`: "extract" = `dvc repro faces embed@hubert embed@minilm` (prepare,
     audio, denoise (the demo's real DeepFilterNet3), asr (faster-whisper, the real Whisper tiny.en
@@ -45,9 +45,9 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, save, timer  # noqa: E402  (common puts the repo root on sys.path)
 
-from features.manifest import CLASSES, Clip, write_manifest  # noqa: E402
-from features.media import ffmpeg_exe, sha256_file  # noqa: E402
-from features.store import StoreUpdate, clip_key  # noqa: E402
+from features.media.manifest import CLASSES, Clip, write_manifest  # noqa: E402
+from features.media.ffmpeg import ffmpeg_exe, sha256_file  # noqa: E402
+from features.storage.store import StoreUpdate, clip_key  # noqa: E402
 
 DVC = str(Path(sys.executable).parent / "dvc")
 
@@ -116,7 +116,7 @@ def write_transcripts(path: Path, names: list[str]) -> None:
 
 
 def tiny_params(models: dict) -> dict:
-    """params.yaml of tests/test_pipeline.py: the demo profile with tiny models and settings."""
+    """params.yaml of tests/stages/test_pipeline.py: the demo profile with tiny models and settings."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["prepare"].update(videos="data/video", labels="data/labels.csv",
                              unlabelled="data/unlabelled", folds=5)
@@ -212,7 +212,7 @@ HEADS = ("evaluate",)  # and its upstream: probes, the two heads, the ensemble
 
 
 def bench_add(work: Path, n: int) -> dict:
-    from features.standins import build_standins
+    from features.encoders.standins import build_standins
 
     proj = work / "add"
     proj.mkdir()
@@ -424,7 +424,7 @@ def main(argv=None) -> None:
     try:
         add = bench_add(work, args.clips) if "add" not in args.skip else None
         if add is None:
-            from features.standins import build_standins
+            from features.encoders.standins import build_standins
             build_standins(work / "standins", seed=0)
         if add is not None:  # (b) can fail on its own; print (a) first so its numbers are never lost
             print_tables(add, None)

@@ -34,7 +34,7 @@ LIMIT_MB = 100
 
 BUILD = """
 import sys, numpy as np
-from features.store import StoreUpdate, clip_key
+from features.storage.store import StoreUpdate, clip_key
 path, n = sys.argv[1], int(sys.argv[2])
 rng = np.random.default_rng(0)
 with StoreUpdate(path, "embedding", {"benchmark": "memory"}, {f"c{i:06d}": clip_key(i) for i in range(n)}) as up:
@@ -44,7 +44,7 @@ with StoreUpdate(path, "embedding", {"benchmark": "memory"}, {f"c{i:06d}": clip_
 
 CASE = """
 import json, resource, sys, time, numpy as np
-from features.store import StoreUpdate, clip_key
+from features.storage.store import StoreUpdate, clip_key
 path, case, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 imports_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 wanted = {f"c{i:06d}": clip_key(i) for i in range(n)}

@@ -59,8 +59,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, save  # noqa: E402
 
-from features.reports import write_json_atomic  # noqa: E402
-from features.store import StoreError, StoreReader, write_store  # noqa: E402
+from features.reliability.reports import write_json_atomic  # noqa: E402
+from features.storage.store import StoreError, StoreReader, write_store  # noqa: E402
 
 EXPECTED = {"hubert": (25, 1024), "clip": (25, 1024)}  # hidden states (embeddings + layers), width
 
@@ -137,16 +137,16 @@ def edited_profile(models: dict[str, str], data: Path) -> dict:
 
 def check_configs(params: dict) -> list[str]:
     """Build every section the way its stage does; returns the sections built."""
-    from features.asr import AsrConfig
-    from features.config import from_section
-    from features.denoise import DenoiseConfig
+    from features.audio.asr import AsrConfig
+    from features.params import from_section
+    from features.audio.denoise import DenoiseConfig
     from features.encoders import EncoderConfig
-    from features.extract import AudioConfig
-    from features.faces import FacesConfig
-    from features.manifest import PrepareConfig
-    from models.config import EvaluateConfig, train_config
+    from features.media.stages import AudioConfig
+    from features.media.faces import FacesConfig
+    from features.media.manifest import PrepareConfig
+    from models.training.train_config import EvaluateConfig, train_config
     from models.ensemble import EnsembleConfig
-    from models.probing import ProbeConfig
+    from models.training.layer_probing import ProbeConfig
 
     built = []
     for section, cls in (("prepare", PrepareConfig), ("audio", AudioConfig), ("denoise", DenoiseConfig),
@@ -301,11 +301,11 @@ def repro_profile(models: dict[str, str], se_folder: str, noise_dir: str, adapt_
 def build_se48k(folder: Path, channels: int = 512, blocks: int = 24) -> str:
     """A random-weight MossFormer2_SE_48K (the released size: 512 channels, 24 blocks) in
     ClearerVoice's folder layout (the checkpoint + the `last_best_checkpoint` pointer file), as
-    features/denoise.py loads it (it reads width and depth from the checkpoint)."""
+    features/audio/denoise.py loads it (it reads width and depth from the checkpoint)."""
     import torch
 
-    from features.denoise import SE_POINTER
-    from features.mossformer2 import SEConfig, build_se_model
+    from features.audio.denoise import SE_POINTER
+    from features.audio.mossformer2 import SEConfig, build_se_model
 
     torch.manual_seed(0)
     state = build_se_model(SEConfig(channels=channels, num_blocks=blocks)).state_dict()
@@ -320,7 +320,7 @@ def time_se48k(channels: int, blocks: int, seconds: float = 1.2) -> float:
     this process (enhance_48k, the denoise stage's own call; one untimed warm-up call first)."""
     import torch
 
-    from features.mossformer2 import SE_SR, SEConfig, build_se_model, enhance_48k
+    from features.audio.mossformer2 import SE_SR, SEConfig, build_se_model, enhance_48k
 
     torch.manual_seed(0)
     cfg = SEConfig(channels=channels, num_blocks=blocks)

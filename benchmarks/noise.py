@@ -4,13 +4,13 @@ denoiser speed per hour of audio on CPU.
     python benchmarks/noise.py [--root .] [--reuse] [--rewrite MODEL[:GGUF]] [--condition NAME=YAML]
                                [--seconds 10] [--skip-eval] [--skip-speed]
 
-Evaluation: every `noise.conditions` entry through `models.noise_eval.run_condition` (the
+Evaluation: every `noise.conditions` entry through `models.noise.evaluation.run_condition` (the
 `noise@<condition>` stage function) against the heads in artifacts/heads, so run `dvc repro` first;
 its stores are caches, so after `dvc repro` this only re-reads them. Summary: `wer` and `wf1`, each
 {condition: {variant: value}}; variants are the denoise backends, `<backend>+enh` with ASR
 enhancement, and with `--rewrite` `<backend>+enh+llm` (the enhanced transcripts rewritten by an LLM); `wf1` is the main head's (evaluate.main_head), every head is in the results. F1 is
 out-of-fold: each copy is scored only by the fold model that held its source clip out
-(`models.noise_eval.out_of_fold`), never by a model that trained on the clip's label.
+(`models.noise.evaluation.out_of_fold`), never by a model that trained on the clip's label.
 
 Speed: DeepFilterNet3 (real weights) and both MossFormer2 variants at their released sizes
 (MossFormer2_SE_48K: 512 channels x 24 blocks, 55 M parameters; the 8 kHz separator: ModelScope's
@@ -35,9 +35,9 @@ from common import ROOT, save, timer  # noqa: E402
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
-from features.config import from_section  # noqa: E402
-from features.denoise import MOSSFORMER_CONFIG, MOSSFORMER_WEIGHTS, SE_POINTER, DenoiseConfig, make_denoiser  # noqa: E402
-from features.noisy_copies import NoiseConfig  # noqa: E402
+from features.params import from_section  # noqa: E402
+from features.audio.denoise import MOSSFORMER_CONFIG, MOSSFORMER_WEIGHTS, SE_POINTER, DenoiseConfig, make_denoiser  # noqa: E402
+from features.noise.copies import NoiseConfig  # noqa: E402
 from features.testing import speech_like  # noqa: E402
 
 
@@ -46,7 +46,7 @@ def evaluate(params_path: Path, root: Path, reuse: bool, rewrite: str = "",
     """Every condition through the stage function (or, with `reuse`, the scores.json the
     noise@<condition> stages wrote) in the project at `root`. `rewrite` ("folder[:gguf]") turns on
     the LLM rewrite (asr.enhance.rewrite): a `<backend>+enh+llm` variant joins."""
-    from models.noise_eval import SCORES, run_condition
+    from models.noise.evaluation import SCORES, run_condition
 
     params = yaml.safe_load(params_path.read_text())
     for spec in extra:  # NAME=YAML: a condition on top of params.yaml's (e.g. the clean reference)
@@ -73,7 +73,7 @@ def evaluate(params_path: Path, root: Path, reuse: bool, rewrite: str = "",
 def _save_se(folder: Path) -> Path:
     import torch
 
-    from features.mossformer2 import SEConfig, build_se_model
+    from features.audio.mossformer2 import SEConfig, build_se_model
 
     folder.mkdir(parents=True)
     torch.manual_seed(0)

@@ -12,7 +12,7 @@ Synthetic data (planted, so the truth is known; seed 0):
 * Heads: class-balanced multinomial logistic regressions (sklearn, lbfgs) on acoustic, visual
   and both concatenated (the base head), under 5 seeded stratified folds. They stand in for the
   project's heads so that the benchmark needs no feature stores; the selection, voting, rounds,
-  EM and alignment code is the project's own (models/semi.py, models/priors.py, models/align.py).
+  EM and alignment code is the project's own (models/unlabelled/selection.py, models/unlabelled/priors.py, models/unlabelled/align.py).
 
 Measured: out-of-fold weighted F1 on human labels (base; after each pseudo-label round; after
 each voting turn), test weighted F1 before/after prior correction (BCTS calibration on the
@@ -33,12 +33,12 @@ from common import save, timer  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from features.manifest import stratified_folds  # noqa: E402
-from models.align import fit_with_holdout  # noqa: E402
-from models.config import CLASSES  # noqa: E402
-from models.metrics import fast_scores  # noqa: E402
-from models.priors import adjust, em_priors, fit_calibration, source_priors  # noqa: E402
-from models.semi import RoundConfig, base_round, run_round  # noqa: E402
+from features.media.manifest import stratified_folds  # noqa: E402
+from models.unlabelled.align import fit_with_holdout  # noqa: E402
+from models.training.train_config import CLASSES  # noqa: E402
+from models.evaluation.metrics import fast_scores  # noqa: E402
+from models.unlabelled.priors import adjust, em_priors, fit_calibration, source_priors  # noqa: E402
+from models.unlabelled.selection import RoundConfig, base_round, run_round  # noqa: E402
 
 C = len(CLASSES)
 # MER2024's labelled class counts, as in benchmarks/heads.py (not imported: that script pulls in
@@ -115,7 +115,7 @@ def logreg(train_x: np.ndarray, train_y: np.ndarray, evals: list[np.ndarray],
 
 def make_fit_fold(lab: dict, y: np.ndarray, folds: np.ndarray, target: dict, heads: tuple,
                   visual: str = "visual"):
-    """fit_fold for models.semi: every head trained on fold k's train part + the extra rows."""
+    """fit_fold for models.unlabelled.selection: every head trained on fold k's train part + the extra rows."""
     def fit_fold(k: int, extra: np.ndarray, extra_y: np.ndarray):
         tr, held = folds != k, folds == k
         held_p, target_p = [], []

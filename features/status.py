@@ -2,7 +2,7 @@
 
 Done = in the stage's store; failed = in its failures.json; pending = ready upstream but not done
 (run `dvc repro`); blocked = failed or missing upstream. Stages and paths come from
-features.pipeline (checked against dvc.yaml). Fast: reads only store indexes and JSON, never arrays.
+features.topology (checked against dvc.yaml). Fast: reads only store indexes and JSON, never arrays.
 """
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Mapping
 
 from features.errors import MerError
-from features.extract import read_transcripts
-from features.manifest import read_manifest
-from features.pipeline import MANIFEST, per_clip_stages
-from features.reports import read_json
-from features.store import StoreError, StoreReader
+from features.audio.stages import read_transcripts
+from features.media.manifest import read_manifest
+from features.topology import MANIFEST, per_clip_stages
+from features.reliability.reports import read_json
+from features.storage.store import StoreError, StoreReader
 
 
 @dataclass

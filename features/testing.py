@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from features.media import ffmpeg_exe
+from features.media.ffmpeg import ffmpeg_exe
 
 
 def make_video(path: str | Path, seconds: float = 1.0, with_audio: bool = True, sr: int = 44100,

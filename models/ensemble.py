@@ -33,10 +33,10 @@ from types import SimpleNamespace
 import numpy as np
 
 from features.errors import ConfigError
-from features.reports import write_json_atomic
-from models.config import CLASSES
-from models.metrics import compute_metrics, fast_scores
-from models.bundles import PREDICTIONS, read_predictions, write_predictions
+from features.reliability.reports import write_json_atomic
+from models.training.train_config import CLASSES
+from models.evaluation.metrics import compute_metrics, fast_scores
+from models.training.bundles import PREDICTIONS, read_predictions, write_predictions
 
 METHODS = ("hard", "soft", "weighted", "stacking")
 TIE_BREAK = 0.01  # hard voting: weight of the mean probability (< one vote) that orders ties

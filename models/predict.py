@@ -17,20 +17,23 @@ from typing import Mapping
 
 import numpy as np
 
-from features import lineage, pipeline
-from features.asr import AsrConfig
-from features.config import from_section
-from features.dataset import FeatureSet
-from features.denoise import DenoiseConfig
-from features.embed import embed_store
+from features.cache import lineage
+
+from features import topology as pipeline
+from features.audio.asr import AsrConfig
+from features.params import from_section
+from features.storage.dataset import FeatureSet
+from features.audio.denoise import DenoiseConfig
+from features.embedding.stage import embed_store
 from features.encoders import EncoderConfig
 from features.errors import ClipError, MerError
-from features.extract import AudioConfig, crop_faces, denoise_audio, extract_audio, transcribe_audio
-from features.faces import FacesConfig
-from features.manifest import Clip, describe, write_manifest
-from features.reports import read_json
-from models.bundles import HeadPredictor, load_head, read_meta
-from models.config import CLASSES
+from features.media.stages import AudioConfig, crop_faces, extract_audio
+from features.audio.stages import denoise_audio, transcribe_audio
+from features.media.faces import FacesConfig
+from features.media.manifest import Clip, describe, write_manifest
+from features.reliability.reports import read_json
+from models.training.bundles import HeadPredictor, load_head, read_meta
+from models.training.train_config import CLASSES
 
 
 @dataclass
@@ -46,7 +49,7 @@ def predict_videos(videos: list[str], params: Mapping, heads_dir: str | os.PathL
                    work_dir: str | os.PathLike = "artifacts/predict",
                    priors: str = "") -> list[Prediction]:
     """One Prediction per video, in order; stage progress goes to stderr. `priors`: "em" or a
-    priors file: prior-shift correction of the probabilities (models.priors.reweight)."""
+    priors file: prior-shift correction of the probabilities (models.unlabelled.priors.reweight)."""
     work = Path(work_dir)
     predictor = trained_head(Path(heads_dir) / head)
     preds, clips = _describe_all(videos)
@@ -63,7 +66,7 @@ def predict_videos(videos: list[str], params: Mapping, heads_dir: str | os.PathL
             have = features.common_ids(predictor.cfg.features, [c.clip_id for c in ok])
             probs = predictor.predict(features, have) if have else []
         if priors and have:
-            from models.priors import reweight
+            from models.unlabelled.priors import reweight
             probs, info = reweight(probs, priors, Path(heads_dir) / head / "predictions.csv")
             print(f"priors ({info['method']} over {len(have)} clips): {info['priors']}",
                   file=sys.stderr)

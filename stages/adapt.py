@@ -1,8 +1,8 @@
-"""DVC stage `adapt@<name>`: LoRA on an encoder's top layers from its cached prefix frames (models/adapt.py)."""
-from features.config import from_section
+"""DVC stage `adapt@<name>`: LoRA on an encoder's top layers from its cached prefix frames (models/adapt/lora.py)."""
+from features.params import from_section
 from features.encoders import EncoderConfig
-from models.adapt import AdaptConfig
-from models.adapt_store import adapt_store
+from models.adapt.lora import AdaptConfig
+from models.adapt.lora_stage import adapt_store
 from stages.common import load_params, parser, run, setup
 
 

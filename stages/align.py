@@ -1,8 +1,8 @@
 """DVC stage `align`: visual features mapped into the acoustic space, written as a feature store."""
 import json
 
-from features.config import from_section
-from models.align import AlignConfig, align_store
+from features.params import from_section
+from models.unlabelled.align import AlignConfig, align_store
 from stages.common import load_params, parser, run, setup
 
 

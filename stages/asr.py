@@ -1,7 +1,7 @@
 """DVC stage `asr`: transcripts per clip (a user transcript CSV wins over ASR)."""
-from features.asr import AsrConfig
-from features.config import from_section
-from features.extract import transcribe_audio
+from features.audio.asr import AsrConfig
+from features.params import from_section
+from features.audio.stages import transcribe_audio
 from stages.common import load_params, parser, run, setup
 
 

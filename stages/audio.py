@@ -1,6 +1,6 @@
 """DVC stage `audio`: decode every clip to 16 kHz mono PCM in one HDF5 store."""
-from features.config import from_section
-from features.extract import AudioConfig, extract_audio
+from features.params import from_section
+from features.media.stages import AudioConfig, extract_audio
 from stages.common import load_params, parser, run, setup
 
 

@@ -19,14 +19,14 @@ import json
 import sys
 
 from features.errors import MerError
-from features.manifest import CLASSES
+from features.media.manifest import CLASSES
 
 STAGES = ("prepare", "audio", "denoise", "asr", "faces", "embed", "probe", "train", "ensemble",
           "evaluate")
 
 
 def _inspect(argv: list[str]) -> None:
-    from features.store import StoreReader
+    from features.storage.store import StoreReader
     p = argparse.ArgumentParser(prog="mer store inspect", description="What a store holds.")
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -51,9 +51,9 @@ def _inspect(argv: list[str]) -> None:
 
 def _prune(argv: list[str]) -> None:
     from pathlib import Path
-    from features.extract import TRANSCRIPTS_FILE
-    from features.reports import read_json, write_json_atomic
-    from features.store import INDEX, prune
+    from features.audio.stages import TRANSCRIPTS_FILE
+    from features.reliability.reports import read_json, write_json_atomic
+    from features.storage.store import INDEX, prune
     p = argparse.ArgumentParser(prog="mer store prune", description="Delete the clips a store "
                                 "(or transcripts.json) keeps although its stage's input no "
                                 "longer has them.")
@@ -76,7 +76,7 @@ def _prune(argv: list[str]) -> None:
 
 
 def _export(argv: list[str]) -> None:
-    from features.export import FORMATS, LEVELS, REDUCES, export_store
+    from features.storage.export import FORMATS, LEVELS, REDUCES, export_store
     p = argparse.ArgumentParser(prog="mer store export", description="An embedding store's "
                                 "features as MERTools' per-clip .npy folder, one .npz or one .parquet.")
     p.add_argument("store", help="embedding store, e.g. artifacts/features/hubert")
@@ -152,7 +152,7 @@ def _predict(argv: list[str]) -> int:
 
 
 def _metrics(argv: list[str]) -> None:
-    from models.run import read_metrics
+    from models.training.stage import read_metrics
     p = argparse.ArgumentParser(prog="mer metrics", description="Out-of-fold metrics per head.")
     p.add_argument("path", nargs="?", default="results/metrics.json")
     args = p.parse_args(argv)
@@ -169,9 +169,9 @@ def _metrics(argv: list[str]) -> None:
 
 
 def _report(argv: list[str]) -> None:
-    from models.report import exp_show, markdown, rows
+    from models.evaluation.report import exp_show, markdown, rows
     p = argparse.ArgumentParser(prog="mer report", description="`dvc exp show` as a Markdown "
-                                "table: the ablation table (see models/report.py).")
+                                "table: the ablation table (see models/evaluation/report.py).")
     p.add_argument("--json", default="", help="a saved `dvc exp show --json` (default: run it)")
     p.add_argument("--param", action="append", default=[], help="param column (repeatable; "
                    "default: the params that differ between rows)")
@@ -183,7 +183,7 @@ def _report(argv: list[str]) -> None:
 
 
 def _standins(argv: list[str]) -> None:
-    from features.standins import build_standins
+    from features.encoders.standins import build_standins
     p = argparse.ArgumentParser(prog="mer standins",
                                 description="Build random-weight HuBERT/CLIP stand-ins for the demo.")
     p.add_argument("out_dir", nargs="?", default="artifacts/standins")

@@ -1,7 +1,7 @@
 """DVC stage `denoise`: run the configured denoiser (mossformer2 | deepfilternet | none)."""
-from features.config import from_section
-from features.denoise import DenoiseConfig
-from features.extract import denoise_audio
+from features.params import from_section
+from features.audio.denoise import DenoiseConfig
+from features.audio.stages import denoise_audio
 from stages.common import load_params, parser, run, setup
 
 

@@ -8,8 +8,8 @@ import os
 import subprocess
 import sys
 
-from features.config import from_section
-from features.embed import embed_store
+from features.params import from_section
+from features.embedding.stage import embed_store
 from features.encoders import EncoderConfig
 from stages.common import load_params, parser, run, setup
 

@@ -1,5 +1,5 @@
 """DVC stage `ensemble@<name>`: soft voting, OOF-tuned weighted voting or stacking over heads."""
-from features.config import from_section
+from features.params import from_section
 from features.errors import ConfigError
 from models.ensemble import EnsembleConfig, run_ensemble
 from stages.common import load_params, parser, run, setup

@@ -2,9 +2,9 @@
 ensemble, and a confusion plot of the main one."""
 import json
 
-from features.config import from_section
-from models.config import EvaluateConfig
-from models.run import evaluate
+from features.params import from_section
+from models.training.train_config import EvaluateConfig
+from models.training.stage import evaluate
 from stages.common import load_params, parser, run, setup
 
 

@@ -1,7 +1,7 @@
 """DVC stage `faces`: sample frames, crop faces (OpenCV Haar), store uint8 crops."""
-from features.config import from_section
-from features.extract import crop_faces
-from features.faces import FacesConfig
+from features.params import from_section
+from features.media.stages import crop_faces
+from features.media.faces import FacesConfig
 from stages.common import load_params, parser, run, setup
 
 

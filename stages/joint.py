@@ -1,9 +1,9 @@
 """DVC stage `joint@<name>`: paper 002's joint audio-text LLM module on cached speech frames and
-LLM token states (models/joint_llm.py), out-of-fold pooled states into a feature store."""
-from features.config import from_section
+LLM token states (models/adapt/joint_llm.py), out-of-fold pooled states into a feature store."""
+from features.params import from_section
 from features.encoders import EncoderConfig
-from models.joint_llm import JointConfig
-from models.joint_store import joint_store
+from models.adapt.joint_llm import JointConfig
+from models.adapt.joint_stage import joint_store
 from stages.common import load_params, parser, run, setup
 
 

@@ -3,9 +3,9 @@ scored heads need on them (per denoise backend, with and without ASR enhancement
 weighted F1 and the ASR word error rate under that condition (`scores.json`)."""
 import yaml
 
-from features.config import from_section
-from features.noisy_copies import NoiseConfig
-from models.noise_eval import run_condition
+from features.params import from_section
+from features.noise.copies import NoiseConfig
+from models.noise.evaluation import run_condition
 from stages.common import load_params, parser, setup
 
 

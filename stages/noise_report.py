@@ -1,8 +1,8 @@
 """DVC stage `noise_report`: weighted F1 and WER against SNR over every noise condition
 (results/noise/metrics.json, plot rows and PNG charts)."""
-from features.config import from_section
-from features.noisy_copies import NoiseConfig
-from models.noise_eval import report
+from features.params import from_section
+from features.noise.copies import NoiseConfig
+from models.noise.evaluation import report
 from stages.common import load_params, parser, setup
 
 

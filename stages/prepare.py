@@ -1,6 +1,6 @@
 """DVC stage `prepare`: scan videos + labels into manifest.csv and failures.json."""
-from features.config import from_section
-from features.manifest import PrepareConfig, prepare
+from features.params import from_section
+from features.media.manifest import PrepareConfig, prepare
 from stages.common import load_params, parser, run, setup
 
 

@@ -1,10 +1,10 @@
 """DVC stage `priors`: prior-shift correction (EM or user-given priors) of heads and ensembles."""
 import json
 
-from features.config import from_section
-from features.manifest import read_manifest
-from models.bundles import scored
-from models.priors import PriorsConfig, correct_predictions
+from features.params import from_section
+from features.media.manifest import read_manifest
+from models.training.bundles import scored
+from models.unlabelled.priors import PriorsConfig, correct_predictions
 from stages.common import load_params, parser, run, setup
 
 

@@ -2,8 +2,8 @@
 import json
 import time
 
-from features.config import from_section
-from models.probing import ProbeConfig, probe_encoder
+from features.params import from_section
+from models.training.layer_probing import ProbeConfig, probe_encoder
 from stages.common import load_params, parser, run, setup
 
 

@@ -1,6 +1,6 @@
-"""DVC stages `semi_base` and `semi@<round>`: pseudo-label self-training rounds (models/rounds.py)."""
-from models.config import train_config
-from models.rounds import BASE, run_round, semi_config
+"""DVC stages `semi_base` and `semi@<round>`: pseudo-label self-training rounds (models/unlabelled/rounds.py)."""
+from models.training.train_config import train_config
+from models.unlabelled.rounds import BASE, run_round, semi_config
 from stages.common import load_params, parser, run, setup
 
 

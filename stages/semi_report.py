@@ -1,7 +1,7 @@
 """DVC stage `semi_report`: per-round metrics and per-class gains of the rounds, as DVC plots."""
 import json
 
-from models.rounds import report, semi_config
+from models.unlabelled.rounds import report, semi_config
 from stages.common import load_params, parser, run, setup
 
 

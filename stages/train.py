@@ -1,7 +1,7 @@
 """DVC stage `train@<head>`: seeded stratified k-fold training of one head on cached features."""
 from features.errors import ConfigError
-from models.config import train_config
-from models.run import log_training, train_head
+from models.training.train_config import train_config
+from models.training.stage import log_training, train_head
 from stages.common import load_params, parser, run, setup
 
 

@@ -7,7 +7,7 @@ import pytest
 
 # No hub access in tests: any accidental download attempt fails fast instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# The weight-hash cache (features.hashcache) goes to a per-run folder, not the user's ~/.cache.
+# The weight-hash cache (features.cache.hashcache) goes to a per-run folder, not the user's ~/.cache.
 if "MER_CACHE_DIR" not in os.environ:
     import tempfile
 

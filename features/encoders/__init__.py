@@ -15,7 +15,7 @@ import importlib
 import sys
 from typing import Any
 
-from features.encoders.config import CODE_VERSION, EncoderConfig
+from features.encoders.encoder_config import CODE_VERSION, EncoderConfig
 from features.errors import ConfigError
 
 # Imported on first use: each module pulls in its part of transformers (vision alone ~2 s), and

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from features.config import resolve_model_path
+from features.params import resolve_model_path
 
 if TYPE_CHECKING:
     from features.encoders import EncoderConfig

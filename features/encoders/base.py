@@ -21,9 +21,9 @@ import transformers
 from packaging.version import Version
 from tqdm.auto import tqdm
 
-from features import hashcache
-from features.config import resolve_model_path
-from features.encoders.config import CODE_VERSION, DTYPE_NAMES, EncoderConfig
+from features.cache import hashcache
+from features.params import resolve_model_path
+from features.encoders.encoder_config import CODE_VERSION, DTYPE_NAMES, EncoderConfig
 from features.encoders.pooling import span_picks, span_pool, spans_to_mask
 from features.errors import ConfigError, ModelLoadError
 
@@ -65,7 +65,7 @@ class Encoder(ABC):
     unit: ClassVar[str] = "items"  # what `Segment.amount` counts, for throughput reports
 
     def __init__(self, cfg: EncoderConfig):
-        self.cfg = cfg  # checked when it was built (features.encoders.config)
+        self.cfg = cfg  # checked when it was built (features.encoders.encoder_config)
         self.pooling = cfg.pooling
         self.device = pick_device(cfg.device)
         self.dtype = compute_dtype(cfg.dtype, self.device)
@@ -133,7 +133,7 @@ class Encoder(ABC):
         return self._weights_hash
 
     def encode(self, items: list) -> list[EncodedClip]:
-        """The simple serial path (tests, notebooks); features.engine overlaps the same steps."""
+        """The simple serial path (tests, notebooks); features.embedding.engine overlaps the same steps."""
         segments = [seg for i, item in enumerate(items) for seg in self._prepare_clip(i, item)]
         parts: dict[Any, list[Partial]] = {}
         bar = tqdm(total=len(items), desc=f"encode {self.family}", unit="clip", disable=len(items) < 2)
@@ -353,7 +353,7 @@ def quantize_int8(model: torch.nn.Module, device: torch.device) -> torch.nn.Modu
 
 
 def runtime_facts(cfg: EncoderConfig) -> dict:
-    """What this machine resolves in `cfg` (part of the source key of features.cachekeys)."""
+    """What this machine resolves in `cfg` (part of the source key of features.cache.keys)."""
     device = pick_device(cfg.device)
     return {"device": device.type, "dtype": dtype_name(compute_dtype(cfg.dtype, device)),
             "quantize": quantize_name(cfg.quantize)}

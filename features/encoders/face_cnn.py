@@ -3,7 +3,7 @@
 The weights are the state dict `what-the-face-classification` ships (`active_model.pth`: three
 3x3 conv + tanh + 2x2 max-pool blocks on 48x48 grey faces, then fc 2000 -> 304 -> 7 classes).
 The network is rebuilt here from the state dict's shapes, so the package (whose inference module
-needs torchvision, OpenCV and pkg_resources) is never imported; tests/test_face_encoder.py checks
+needs torchvision, OpenCV and pkg_resources) is never imported; tests/features/encoders/test_face_encoder.py checks
 the logits against the package's own network class on a face crop.
 
 Layers, like CLIP's hidden states, one vector per face frame: 0 = the 48x48 grey input (spatial

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from features.encoders.config import POOLINGS
+from features.encoders.encoder_config import POOLINGS
 from features.errors import ConfigError
 
 

@@ -41,7 +41,7 @@ from features.encoders.base import (
     register,
     safetensors_kwargs,
 )
-from features.encoders.config import MERTOOLS_PIECE_SECONDS
+from features.encoders.encoder_config import MERTOOLS_PIECE_SECONDS
 from features.errors import ClipError, ModelLoadError
 
 SAMPLE_RATE = 16_000

@@ -101,5 +101,5 @@ def check_crops(index: int | str, crops: np.ndarray) -> None:
             f"item {index}",
             "no_face",
             f"vision encoder needs uint8 RGB crops [F>=1, H, W, 3]; got shape {shape} "
-            f"dtype {getattr(crops, 'dtype', type(crops).__name__)}. Use features.faces.extract_faces.",
+            f"dtype {getattr(crops, 'dtype', type(crops).__name__)}. Use features.media.faces.extract_faces.",
         )

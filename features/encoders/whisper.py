@@ -3,7 +3,7 @@
 The demo's Whisper tiny.en ships as a CTranslate2 model (`model.bin`, faster-whisper's format).
 `convert_ct2` reads that file directly (no ctranslate2 import: its layout is a flat list of named
 arrays) and writes a transformers `WhisperEncoder` folder once, under the cache folder keyed by the
-source weights' digest; later loads reuse it. tests/test_whisper.py checks the converted encoder
+source weights' digest; later loads reuse it. tests/features/encoders/test_whisper.py checks the converted encoder
 against CTranslate2's own `encode` on a clip.
 
 Whisper always encodes 30 s windows of log-mel (1,500 output frames, 20 ms each); a clip's
@@ -26,7 +26,7 @@ import torch
 from transformers import WhisperConfig, WhisperFeatureExtractor
 from transformers.models.whisper.modeling_whisper import WhisperEncoder as HFWhisperEncoder
 
-from features import hashcache
+from features.cache import hashcache
 from features.encoders.base import (
     Encoder,
     HostBatch,
