@@ -1,9 +1,10 @@
 """`mer predict VIDEO...`: new clips through the same stage functions, then the trained heads.
 
 Each video gets the stages its head needs (audio, denoise, asr, faces, embed@<encoder>) with the
-settings of params.yaml (features.runner: the DVC stages' code, in process), into a work folder (default ``artifacts/predict``) that is a cache like
-any store: predicting the same files again computes nothing. A video that cannot be read, or fails
-in a stage, gets a per-file error and the others go on.
+settings of params.yaml, run in process by `features.runner` (the DVC stages' code), into a work
+folder (default ``artifacts/predict``) that is a cache like any store: predicting the same files
+again computes nothing. A video that cannot be read, or fails in a stage, gets a per-file error
+and the others go on.
 """
 from __future__ import annotations
 
