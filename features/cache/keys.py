@@ -8,7 +8,9 @@ interpret them, and the stage's code version. `source_key` hashes those without 
 the stage stores it next to the fingerprint in its store's meta, and a rerun whose source key
 matches reuses the remembered fingerprint (`remembered`), computes the clip keys, and loads
 nothing when `still_to_do` is empty. A hub id (no local files to hash) has no source key: its
-stage always loads.
+stage always loads. A shard that fails its integrity check (`features.storage.store.check_shard`)
+counts as not cached, so this fast path never reuses damaged clips: the stage loads its model and
+its `StoreUpdate` sets the shard aside and recomputes them.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from typing import Iterable, Mapping
 
 from features.params import resolve_model_path
 from features.cache.hashcache import sha256_file
-from features.storage.store import StoreError, StoreReader, clip_key
+from features.storage.store import StoreError, StoreReader, clip_key, read_meta
 
 
 def source_key(settings: Mapping, model: str, packages: Iterable[str], code: Iterable[Path],
@@ -62,17 +64,17 @@ def remembered(store: str | Path, key: str | None) -> dict | None:
     if key is None:
         return None
     try:
-        with StoreReader(store) as reader:
-            meta = dict(reader.meta)
+        meta = read_meta(store)  # store.json only: whether clips are intact is still_to_do's part
     except StoreError:
         return None
     return meta if meta.get("sources") == key else None
 
 
 def still_to_do(out: str | Path, wanted: Mapping[str, str]) -> list[str]:
-    """Clips of `wanted` (in order) whose result in the finished store `out` is missing or stale."""
+    """Clips of `wanted` (in order) whose result in the finished store `out` is missing, stale or
+    in a damaged shard."""
     try:
-        with StoreReader(out) as reader:
+        with StoreReader(out, on_damage="skip") as reader:
             have = dict(reader.keys)
     except StoreError:
         have = {}

@@ -2,7 +2,8 @@
 
 A store is a folder holding a few large HDF5 shards and one small ``store.json`` that lists them:
 
-    <store>/store.json           kind, meta (config, fingerprint), shards in order, format version
+    <store>/store.json           kind, meta (config, fingerprint), shards in order, format version,
+                                 checksums {shard: sha256, size, mtime_ns, inode, clips}
     <store>/shard-<hash>.h5      attrs: format, version, kind, complete=1
         /index  [n] utf-8 clip ids       /keys [n] per-clip cache keys (see below)
         /clips/<clip_id>                 one dataset per clip: PCM [S] | crops [F,H,W,3] | frames [K,T,D]
@@ -21,6 +22,13 @@ deterministic order (pooled rows copied in blocks: memory does not grow with the
 ``store.json`` atomically, then deletes the shard, part and temporary names it no longer lists and
 nothing else (it refuses a non-empty folder that is not a store).
 
+Integrity: every shard's sha256 is recorded in ``store.json`` with the file's size, mtime_ns and
+inode when it is written. Before its clips are reused or read, a shard whose stat differs from the
+record (a `dvc checkout`/pull, a copy, damage) is hashed again: a match records the new stat (the
+next run is fast again), a mismatch is damage. An update sets a damaged shard aside
+(``<shard>.damaged-<time>``, never deleted) and recomputes its clips; a reader raises, naming the
+shard and the fix. Unchanged stats cost no hashing; `features.storage.verify` hashes every shard.
+
 Safety: one writer at a time (`StoreLock`, held for the whole update); temporary names carry the
 pid and a random part; clips that leave `wanted` are *kept* (hidden from readers, reused if wanted
 again) until `prune`. `features.reliability.faults` points mark where the crash tests exit hard.
@@ -34,6 +42,7 @@ import os
 import re
 import secrets
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -41,6 +50,7 @@ from typing import Iterable, Mapping, Sequence
 import h5py
 import numpy as np
 
+from features.cache import hashcache
 from features.reliability import faults
 from features.errors import MerError
 
@@ -53,6 +63,8 @@ LOCK = ".lock"
 TMP_PREFIX = ".tmp-"
 SHARD_RE = re.compile(r"shard-[0-9a-f]{32}\.h5")
 PART_RE = re.compile(r"part-[0-9a-f]{32}\.h5")
+DAMAGED_RE = re.compile(r"shard-[0-9a-f]{32}\.h5\.damaged-\d{8}T\d{6}(-\d+)?")  # set aside
+HASH_CHUNK = 4 * 2**20
 POOLED_CHUNK_ROWS = 128
 SUBSET_FRACTION = 0.2  # below this share of a store's clips, pooled() reads rows one by one
 _STR = h5py.string_dtype("utf-8")
@@ -154,8 +166,9 @@ def _temp_name(path: Path) -> Path:
 
 
 def _write_shard(path: Path, kind: str, ids: list[str], keys: list[str], rows: _Rows,
-                 compression: str | None) -> None:
-    """Write one complete shard atomically: temporary name, ``complete`` last, fsync, rename."""
+                 compression: str | None, checksum: bool = True) -> dict | None:
+    """Write one complete shard atomically: temporary name, ``complete`` last, fsync, rename.
+    Returns its integrity record for store.json (None with `checksum=False`: part files)."""
     tmp = _temp_name(path)
     with h5py.File(tmp, "w") as h5:
         h5.attrs.update(format=FORMAT, version=VERSION, kind=kind)
@@ -176,7 +189,9 @@ def _write_shard(path: Path, kind: str, ids: list[str], keys: list[str], rows: _
         h5.attrs["complete"] = 1  # written last: its presence means the file is whole
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    digest = _checksum(tmp) if checksum else None  # what was written, before anyone can touch it
+    os.replace(tmp, path)  # keeps the inode and mtime: the stat below is the file's
+    return None if digest is None else {"sha256": digest, "clips": len(ids), **_stat(path)}
 
 
 def _write_pooled(h5: h5py.File, rows: _Rows, n: int, layout: tuple, compression: str | None):
@@ -199,8 +214,10 @@ class _Shard:
         try:
             self.h5 = h5py.File(path, "r")
         except OSError as err:
-            raise StoreError(f"shard {path} cannot be opened ({err}); delete the store folder "
-                             f"and rerun its stage.") from err
+            raise StoreError(f"shard {path} cannot be opened ({err}): it is damaged. Restore the "
+                             f"committed version with `dvc checkout {path.parent}`, or rerun the "
+                             f"stage that writes it (`dvc repro <stage>`: it sets the shard aside "
+                             f"and recomputes its clips).") from err
         if self.h5.attrs.get("format") != FORMAT or not self.h5.attrs.get("complete"):
             self.h5.close()
             raise StoreError(f"shard {path} is incomplete (interrupted write?); rerun its stage.")
@@ -256,12 +273,109 @@ def _write_index(folder: Path, info: dict) -> None:
     os.replace(tmp, folder / INDEX)
 
 
+# ----------------------------------------------------------------------------- integrity
+
+STAT_FIELDS = ("size", "mtime_ns", "inode")
+
+
+def _checksum(path: Path) -> str:
+    """sha256 of a file, streamed in chunks (a shard is ~1 GB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(HASH_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _stat(path: Path) -> dict:
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+
+
+def _records(info: Mapping) -> dict[str, dict]:
+    """The well-formed checksum records of store.json (a malformed one counts as unrecorded)."""
+    table = info.get("checksums")
+    if not isinstance(table, dict):
+        return {}
+    return {name: rec for name, rec in table.items()
+            if isinstance(rec, dict) and isinstance(rec.get("sha256"), str)
+            and all(isinstance(rec.get(k), int) for k in STAT_FIELDS)}
+
+
+@dataclass
+class ShardCheck:
+    """What one listed shard's check found.
+
+    status: ``ok`` (matches its record), ``restat`` (stat changed, content intact: `record` holds
+    the new stat), ``unrecorded`` (a store written before checksums), ``damaged``, ``missing``.
+    """
+    name: str
+    status: str
+    record: dict | None = None
+    actual: str | None = None  # the sha256 computed now, when one was
+
+    @property
+    def usable(self) -> bool:
+        return self.status in ("ok", "restat", "unrecorded")
+
+
+def check_shard(folder: Path, name: str, record: dict | None, always: bool = False) -> ShardCheck:
+    """Check shard `name` of the store at `folder` against its record.
+
+    Only a stat when it matches the record; a sha256 when it differs or with `always` (`mer store
+    verify`). Without `always` a large file's sha256 is remembered by stat (`hashcache`), so a
+    store read-only after a `dvc pull` (heads, `mer predict`) is hashed once, not on every read.
+    """
+    path = folder / name
+    if not path.is_file():
+        return ShardCheck(name, "missing", record)
+    if record is None:
+        return ShardCheck(name, "unrecorded", None, _checksum(path) if always else None)
+    now = _stat(path)
+    if not always and all(record[k] == now[k] for k in STAT_FIELDS):
+        return ShardCheck(name, "ok", record)
+    if now["size"] != record["size"] and not always:
+        return ShardCheck(name, "damaged", record)  # no need to read it
+    actual = _checksum(path) if always else hashcache.cached(
+        "store-sha256", [path], lambda: _checksum(path))
+    if actual != record["sha256"]:
+        return ShardCheck(name, "damaged", record, actual)
+    status = "ok" if all(record[k] == now[k] for k in STAT_FIELDS) else "restat"
+    return ShardCheck(name, status, {**record, **now}, actual)
+
+
+def damaged_message(store: Path, check: ShardCheck) -> str:
+    """What is wrong with a damaged or missing shard, and the two ways to fix it."""
+    what = ("is missing" if check.status == "missing" else
+            "is damaged: its content differs from the sha256 recorded when it was written")
+    return (f"shard {store / check.name} {what}. Restore the committed version with "
+            f"`dvc checkout {store}`, or rerun the stage that writes it (`dvc repro <stage>`: it "
+            f"sets the damaged shard aside and recomputes its clips).")
+
+
+def _set_aside(folder: Path, name: str) -> Path:
+    """Move a damaged shard out of the store's way, never over another file: kept for a person
+    to inspect or delete (cleanup only deletes the names store.json lists or will list)."""
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    target, n = folder / f"{name}.damaged-{stamp}", 1
+    while target.exists():
+        target, n = folder / f"{name}.damaged-{stamp}-{n}", n + 1
+    os.rename(folder / name, target)
+    return target
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    """The meta of the finished store at `path`, from store.json alone (no shard is opened)."""
+    return dict(_read_index(Path(path))["meta"])
+
+
 # ----------------------------------------------------------------------------- one writer
 
 def _own_name(name: str) -> bool:
-    """Names a store (or its writer) creates inside its folder; nothing else is ever deleted."""
+    """Names a store (or its writer) creates inside its folder; nothing else is ever deleted (and
+    of these, cleanup never deletes a damaged shard set aside)."""
     return (name in (INDEX, PARTS, RANKS, LOCK) or name.startswith(TMP_PREFIX)
-            or bool(SHARD_RE.fullmatch(name)))
+            or bool(SHARD_RE.fullmatch(name)) or bool(DAMAGED_RE.fullmatch(name)))
 
 
 def _check_folder(path: Path) -> None:
@@ -350,15 +464,29 @@ def _same_file(fd: int, path: Path) -> bool:
 # ----------------------------------------------------------------------------- reading
 
 class StoreReader:
-    """Read a finished store: ``with StoreReader(path) as s: s.get(id); s.pooled(layer=-1)``."""
+    """Read a finished store: ``with StoreReader(path) as s: s.get(id); s.pooled(layer=-1)``.
 
-    def __init__(self, path: str | os.PathLike, kind: str | None = None):
+    Every shard is checked against its recorded checksum first (`check_shard`: a stat, and a
+    sha256 only when the stat changed). A damaged shard is an error naming it and the fix; with
+    ``on_damage="skip"`` (a stage asking what is cached) its clips are absent instead, so the
+    stage recomputes them (its `StoreUpdate` sets the shard aside) and `damaged` names it.
+    """
+
+    def __init__(self, path: str | os.PathLike, kind: str | None = None,
+                 on_damage: str = "raise"):
         self.path = Path(path)
         info = _read_index(self.path)
         self.kind, self.meta = info["kind"], info["meta"]
         if kind is not None and self.kind != kind:
             raise StoreError(f"store {self.path} holds {self.kind!r} data, expected {kind!r}.")
-        self._shards = [_Shard(self.path / name) for name in info["shards"]]
+        self.damaged: list[str] = []
+        self._shards: list[_Shard] = []
+        try:
+            for name in self._intact(info, on_damage):
+                self._shards.append(_Shard(self.path / name))
+        except BaseException:
+            self.close()
+            raise
         # Kept clips (stored, but not among the last update's clips: see StoreUpdate) are
         # invisible to readers until they are wanted again; `mer store prune` deletes them.
         self.kept: list[str] = list(info.get("kept", []))
@@ -370,6 +498,19 @@ class StoreReader:
         self._where = {cid: (s, i) for s, i, cid in physical if cid not in kept}
         self._row = {cid: r for r, (_, _, cid) in enumerate(physical) if cid not in kept}
         self._physical_rows = len(physical)
+
+    def _intact(self, info: dict, on_damage: str) -> list[str]:
+        """The listed shards that pass their check."""
+        records, names = _records(info), []
+        for name in info["shards"]:
+            check = check_shard(self.path, name, records.get(name))
+            if not check.usable:
+                if on_damage != "skip":
+                    raise StoreError(damaged_message(self.path, check))
+                self.damaged.append(name)
+            else:
+                names.append(name)
+        return names
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -520,6 +661,7 @@ class StoreUpdate:
             self._retained: dict[str, tuple[_Shard, int, str]] = {}  # kept clips to repack
             self._open: list[_Shard] = []
             self._keep: list[str] = []  # shard files kept untouched
+            self._records: dict[str, dict] = {}  # their checksum records, for store.json
             self._kept_ids: set[str] = set()  # clips living in untouched shards
             self.kept: list[str] = []  # stored clips not in `wanted` (kept until a prune)
             self._scan_old()
@@ -537,15 +679,19 @@ class StoreUpdate:
             info = _read_index(self.path)
             shards = info["shards"] if info["kind"] == self.kind else []
         except StoreError:
-            shards = []
+            info, shards = {}, []
+        records = _records(info)
         for name in shards:
-            sh = self._try_open(self.path / name)
+            sh, record = self._open_listed(name, records.get(name))
             if sh is None:
                 continue
             valid = [self.wanted.get(c) == k for c, k in zip(sh.ids, sh.keys)]
             keep = [not self.prune and c not in self.wanted for c in sh.ids]
             if sh.ids and all(v or k for v, k in zip(valid, keep)):
                 self._keep.append(name)  # untouched: DVC will not re-upload it
+                # A store written before checksums has no record: it is made on this write.
+                self._records[name] = record or {"sha256": _checksum(sh.path),
+                                                 "clips": len(sh.ids), **_stat(sh.path)}
                 self._kept_ids.update(sh.ids)
             else:
                 self._retained.update({c: (sh, i, sh.keys[i]) for i, c in enumerate(sh.ids)
@@ -556,6 +702,30 @@ class StoreUpdate:
             sh = self._try_open(part) if PART_RE.fullmatch(part.name) else None
             if sh is not None:
                 self._remember(sh, [self.wanted.get(c) == k for c, k in zip(sh.ids, sh.keys)])
+
+    def _open_listed(self, name: str, record: dict | None) -> tuple[_Shard | None, dict | None]:
+        """A listed shard, open, if it passed its check (and its record, new stat included);
+        a damaged or unreadable one is set aside and its clips are recomputed."""
+        check = check_shard(self.path, name, record)
+        if check.status == "missing":
+            self._say(name, record, "listed in store.json is missing")
+            return None, None
+        if check.status == "damaged":
+            self._say(name, record, "is damaged (its sha256 differs from the one recorded when "
+                                    "it was written)", _set_aside(self.path, name))
+            return None, None
+        sh = self._try_open(self.path / name)
+        if sh is None:  # listed shards were whole when listed: this is damage, not a torn write
+            self._say(name, record, "cannot be opened", _set_aside(self.path, name))
+        return sh, check.record
+
+    def _say(self, name: str, record: dict | None, what: str, aside: Path | None = None) -> None:
+        clips = record.get("clips") if record else None
+        count = f"its {clips} clip(s)" if isinstance(clips, int) else "its clips"
+        where = f"; the file was moved to {aside} (delete it once you no longer need it)" \
+            if aside else ""
+        print(f"[store {self.path}] shard {name} {what}: {count} will be recomputed{where}.",
+              flush=True)
 
     def _try_open(self, path: Path) -> _Shard | None:
         try:
@@ -594,7 +764,8 @@ class StoreUpdate:
         name = f"part-{clip_key(ids, [self.wanted[c] for c in ids])}.h5"
         path = self.path / PARTS / name
         _write_shard(path, self.kind, ids, [self.wanted[c] for c in ids],
-                     _MemoryRows([e for _, e in self._pending]), self.compression)
+                     _MemoryRows([e for _, e in self._pending]), self.compression,
+                     checksum=False)  # a part is never listed: repacked (and hashed) at commit
         sh = _Shard(path)
         self._open.append(sh)
         self._remember(sh, [True] * len(ids))
@@ -607,16 +778,18 @@ class StoreUpdate:
             sources = [(cid, *self._cached[cid], self.wanted[cid])
                        for cid in self.wanted if cid in self._cached]
             sources += [(cid, *src) for cid, src in self._retained.items()]
-            shards = list(self._keep)
+            shards, records = list(self._keep), dict(self._records)
             for group in self._groups(sources):
                 ids, keys = [g[0] for g in group], [g[3] for g in group]
                 name = f"shard-{clip_key(ids, keys)}.h5"
-                _write_shard(self.path / name, self.kind, ids, keys,
-                             _ShardRows([(g[1], g[2]) for g in group]), self.compression)
+                records[name] = _write_shard(self.path / name, self.kind, ids, keys,
+                                             _ShardRows([(g[1], g[2]) for g in group]),
+                                             self.compression)
                 shards.append(name)
             faults.point("store.before_index")
             _write_index(self.path, {"format": FORMAT, "version": VERSION, "kind": self.kind,
                                      "meta": self.meta, "shards": shards,
+                                     "checksums": {n: records[n] for n in shards},
                                      "clips": len(self._kept_ids) + len(sources),
                                      "kept": sorted(self.kept)})
             self._close_all()
