@@ -4,7 +4,8 @@
 
 The reference is a CSV `name,text`, or MER's `name,chinese,english` (the column of `--language`;
 with `auto`, the column of the script most hypotheses are written in). The hypotheses are the
-asr stage's transcripts.json (default) or a CSV `name,text`. Chinese is scored in characters
+asr stage's transcripts.json (default; clips whose text came from `asr.transcripts_csv` are left
+out: they are not ASR output) or a CSV `name,text`. Chinese is scored in characters
 (unit `cer`), space-delimited languages in words (`wer`); features/audio/error_rate.py says how.
 MER2024: `mer asr score --reference /data/mer2024/transcription.csv --language zh`.
 """
@@ -26,10 +27,11 @@ DEFAULT_HYPOTHESES = "artifacts/asr/transcripts.json"
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     check_reference(Path(args.reference))  # the required file first
-    hyps = read_hypotheses(Path(args.hypotheses), args.language)
+    hyps, given = read_hypotheses(Path(args.hypotheses), args.language)
     column = args.language if args.language != "auto" else script_of(hyps.values())
     refs = load_transcripts_csv(args.reference, column, key="--reference")
     result = score(refs, hyps, args.language, args.to_simplified, args.reference, args.hypotheses)
+    result["given_by_csv"] = given
     print(json.dumps(result) if args.json else describe(result))
     return 0
 
@@ -48,15 +50,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def read_hypotheses(path: Path, language: str) -> dict[str, str]:
-    """clip -> ASR text from transcripts.json (an empty text counts: all deletions) or a CSV."""
+def read_hypotheses(path: Path, language: str) -> tuple[dict[str, str], int]:
+    """(clip -> ASR text, clips left out because asr.transcripts_csv gave their text) from
+    transcripts.json (an empty text counts: all deletions) or a CSV."""
     if not path.is_file():
         raise MerError(f"--hypotheses: {path} does not exist. Run the asr stage first (`dvc repro asr`), "
                        "or pass --hypotheses with a CSV name,text of your ASR's output.")
     if path.suffix.lower() != ".json":
-        return load_transcripts_csv(path, language, key="--hypotheses")
+        return load_transcripts_csv(path, language, key="--hypotheses"), 0
     try:
-        return {clip: entry["text"] for clip, entry in read_transcripts(path).items()}
+        entries = read_transcripts(path)
+        asr = {clip: e["text"] for clip, e in entries.items() if e.get("source") != "csv"}
+        return asr, len(entries) - len(asr)
     except (KeyError, TypeError, AttributeError, ValueError) as err:
         raise MerError(f"--hypotheses: {path} is not the asr stage's transcripts.json ({type(err).__name__}: "
                        f"{err}). Give that file, or a CSV name,text.") from err
@@ -80,8 +85,10 @@ def score(refs: dict[str, str], hyps: dict[str, str], language: str, simplified:
         result = error_rate(refs, hyps, language, simplified)
     except ValueError:
         raise MerError(f"no clip is in both {ref_path} ({len(refs)} clips, e.g. {_first(refs)}) and "
-                       f"{hyp_path} ({len(hyps)} clips, e.g. {_first(hyps)}). The reference's `name` "
-                       "column must hold the clip ids (video file names without extension).") from None
+                       f"{hyp_path} ({len(hyps)} ASR clips, e.g. {_first(hyps)}). The reference's `name` "
+                       "column must hold the clip ids (video file names without extension); clips "
+                       "transcribed from asr.transcripts_csv are not ASR output: run asr without it "
+                       "to score the ASR on them.") from None
     return {**result.as_dict(), "language": language,
             "missing_hypotheses": len(set(refs) - set(hyps)),  # reference clips ASR has no text for
             "missing_references": len(set(hyps) - set(refs)),  # transcribed clips without a reference
@@ -95,6 +102,7 @@ def describe(r: dict) -> str:
         f"clips    {r['clips']} compared",
         f"missing  {r['missing_hypotheses']} reference clips without a hypothesis, "
         f"{r['missing_references']} hypothesis clips without a reference",
+        f"skipped  {r['given_by_csv']} clips whose text came from asr.transcripts_csv, not ASR",
         f"edits    {r['substitutions']} substitutions, {r['deletions']} deletions, {r['insertions']} "
         f"insertions over {r['reference_tokens']} reference tokens"])
 

@@ -18,8 +18,10 @@ MER_CSV = ("name,chinese,english\n"
            "c3,真没想到啊,I never expected it\n")
 
 
-def _transcripts(path: Path, texts: dict[str, str]) -> Path:
-    entries = {c: {"text": t, "source": "faster_whisper", "key": c} for c, t in texts.items()}
+def _transcripts(path: Path, texts: dict[str, str], given: tuple[str, ...] = ()) -> Path:
+    """The asr stage's output; clips in `given` came from asr.transcripts_csv (source "csv")."""
+    entries = {c: {"text": t, "source": "csv" if c in given else "faster_whisper", "key": c}
+               for c, t in texts.items()}
     write_json_atomic(path, {"asr": {}, "enhance": None, "transcripts": entries, "kept": {}})
     return path
 
@@ -29,10 +31,10 @@ def project(tmp_path, monkeypatch):
     """A project folder: MER's reference CSV and the asr stage's output at its default path."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "transcription.csv").write_text(MER_CSV, encoding="utf-8")
-    # c1: 高兴 -> 开心 (2 of 6 characters); c2 right but for punctuation (0 of 5); c3 not transcribed;
-    # c4 has no reference
+    # c1: 高兴 -> 开心 (2 of 6 characters); c2 right but for punctuation (0 of 5); c3's text is the
+    # reference itself (asr.transcripts_csv gave it, not ASR: left out); c4 has no reference
     _transcripts(tmp_path / "artifacts/asr/transcripts.json",
-                 {"c1": "我今天很开心", "c2": "你太过分了。", "c4": "多余的"})
+                 {"c1": "我今天很开心", "c2": "你太过分了。", "c3": "真没想到啊", "c4": "多余的"}, given=("c3",))
     return tmp_path
 
 
@@ -44,7 +46,7 @@ def _json(capsys, *argv) -> dict:
 def test_chinese_transcripts_are_scored_in_characters(project, capsys):
     out = _json(capsys, "--reference", "transcription.csv", "--language", "zh")
     assert (out["unit"], out["clips"]) == ("cer", 2) and out["rate"] == pytest.approx(2 / 11)
-    assert (out["missing_hypotheses"], out["missing_references"]) == (1, 1)
+    assert (out["missing_hypotheses"], out["missing_references"], out["given_by_csv"]) == (1, 1, 1)
     assert (out["substitutions"], out["reference_tokens"]) == (2, 11)
     assert _json(capsys, "--reference", "transcription.csv") == {**out, "language": "auto"}  # auto: zh
 
@@ -54,6 +56,7 @@ def test_the_plain_report_names_unit_rate_and_clips(project, capsys):
     text = capsys.readouterr().out
     assert "cer (character error rate)" in text and "0.1818" in text and "2 compared" in text
     assert "1 reference clips without a hypothesis, 1 hypothesis clips without a reference" in text
+    assert "skipped  1 clips whose text came from asr.transcripts_csv" in text
 
 
 def test_english_hypotheses_are_scored_in_words_against_the_english_column(project, capsys):
@@ -81,7 +84,8 @@ def test_errors_name_the_file_and_the_fix(project, tmp_path):
     with pytest.raises(MerError, match=r"--hypotheses: x.json does not exist.*dvc repro asr"):
         main(["--reference", "transcription.csv", "--hypotheses", "x.json"])
     (project / "other.csv").write_text("name,text\nclip_9,你好\n", encoding="utf-8")
-    with pytest.raises(MerError, match=r"no clip is in both other.csv \(1 clips, e.g. 'clip_9'\)"):
+    with pytest.raises(MerError, match=r"no clip is in both other.csv \(1 clips, e.g. 'clip_9'\) and "
+                                       r".*transcripts.json \(3 ASR clips, e.g. 'c1'\)"):
         main(["--reference", "other.csv"])
     (project / "bad.json").write_text('{"rewrites": {}}', encoding="utf-8")
     with pytest.raises(MerError, match=r"bad.json is not the asr stage's transcripts.json"):
