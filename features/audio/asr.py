@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -18,6 +18,7 @@ import numpy as np
 
 from features.params import offline, resolve_model_path
 from features.audio.cpu_kernels import pin_ctranslate2
+from features.audio.error_rate import edits, error_rate
 from features.errors import ClipError, ConfigError, ModelLoadError
 from features.registry import Registry
 from features.cache.hashcache import sha256_file as sha256_weights
@@ -35,10 +36,13 @@ class RewriteConfig:
     model: str = ""  # "" = off; a local causal LM folder (or pypkg:...), e.g. SmolLM2-Instruct
     gguf_file: str = ""  # a GGUF inside `model`, loaded through transformers gguf_file=
     max_new_tokens: int = 48
-    max_change: float = 0.3  # keep the ASR text when the rewrite edits more than this share of words
+    # keep the ASR text when the rewrite edits more than this share of its tokens (Chinese
+    # characters one by one, other words whole: features/audio/error_rate.py)
+    max_change: float = 0.3
     device: str = "cpu"
     trust_remote_code: bool = False
-    instruction: str = ""  # "" = asr_enhance.INSTRUCTION (English); give your own for others (MER2024: zh)
+    instruction: str = ""  # "" = the built-in one for `language` (asr_enhance.INSTRUCTIONS: zh, else en)
+    language: str = ""  # not a params key: AsrConfig sets it to asr.language
 
     def __post_init__(self):
         if not 0 <= self.max_change:
@@ -82,6 +86,12 @@ class AsrConfig:
     # ASR enhancement (features/audio/asr_enhance.py): raw+denoised selection, optional LLM rewrite.
     enhance: EnhanceConfig = field(default_factory=EnhanceConfig)
 
+    def __post_init__(self):
+        # The rewrite is prompted and guarded in the language the ASR transcribes.
+        rewrite = self.enhance.rewrite
+        if rewrite.language != self.language:
+            self.enhance = replace(self.enhance, rewrite=replace(rewrite, language=self.language))
+
 
 class AsrBackend(Protocol):
     def transcribe(self, wav16k: np.ndarray, clip_id: str) -> str: ...
@@ -107,6 +117,19 @@ def _clean(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
+def _check_language(cfg: AsrConfig, known: list[str] | None) -> None:
+    """An English-only Whisper transcribes every language as English without a word of warning
+    (faster-whisper only logs it), so a language the model lacks is a config error. `known`:
+    the model's language codes, None when it does not say."""
+    if not cfg.language or known is None or cfg.language.lower() in known:
+        return
+    english_only = set(known) <= {"en", "english"}
+    what = "an English-only Whisper" if english_only else f"a Whisper without {cfg.language!r}"
+    raise ConfigError(f"asr.language {cfg.language!r} cannot be transcribed by asr.model {cfg.model!r} "
+                      f"({what}); set asr.language to one it knows (e.g. {known[0]!r}) or use a "
+                      "multilingual Whisper (e.g. large-v3).")
+
+
 def _asr_failed(clip_id: str, backend: str, err: Exception) -> ClipError:
     return ClipError(clip_id, "asr_failed",
                      f"{backend} transcription failed ({type(err).__name__}: {err}). Check the clip's "
@@ -118,18 +141,20 @@ def _asr_failed(clip_id: str, backend: str, err: Exception) -> ClipError:
 _TEXT_COLUMNS = {"en": "english", "zh": "chinese"}
 
 
-def load_transcripts_csv(path: str | Path, language: str = "en") -> dict[str, str]:
+def load_transcripts_csv(path: str | Path, language: str = "en",
+                         key: str = "asr.transcripts_csv") -> dict[str, str]:
     """{clip name: transcript} from a CSV with a `name` column and a `text` column, or MER's
-    `english` / `chinese` columns (the one matching `language` first). Empty cells are skipped."""
+    `english` / `chinese` columns (the one matching `language` first). Empty cells are skipped.
+    `key` names the setting or option in messages."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"asr.transcripts_csv: {path} does not exist. Fix the path or set it to \"\".")
-    reader = csv.DictReader(io.StringIO(read_text(path, "asr.transcripts_csv"), newline=""))
+        raise ConfigError(f"{key}: {path} does not exist. Fix the path or set it to \"\".")
+    reader = csv.DictReader(io.StringIO(read_text(path, key), newline=""))
     rows = list(reader)  # UTF-8 (BOM or not), UTF-16 or GB18030: MER's CSVs come in all three
     header = {(c or "").strip().lower(): c for c in reader.fieldnames or []}
     text_col = _text_column(header, language)
     if "name" not in header or text_col is None:
-        raise ConfigError(f"asr.transcripts_csv: {path} has columns {sorted(header)}; it needs `name` and "
+        raise ConfigError(f"{key}: {path} has columns {sorted(header)}; it needs `name` and "
                           f"one of `text`, `english`, `chinese`. Rename the columns.")
     out: dict[str, str] = {}
     for row in rows:
@@ -137,7 +162,7 @@ def load_transcripts_csv(path: str | Path, language: str = "en") -> dict[str, st
         if not name or not text:
             continue
         if out.get(name, text) != text:
-            raise ConfigError(f"asr.transcripts_csv: {path} gives clip {name!r} two different transcripts; "
+            raise ConfigError(f"{key}: {path} gives clip {name!r} two different transcripts; "
                               "keep one row per clip.")
         out[name] = text
     return out
@@ -200,6 +225,7 @@ class FasterWhisper:
             raise ModelLoadError(f"asr.model {cfg.model!r}: faster-whisper could not load it ({err}). "
                                  "Give a local CTranslate2 Whisper folder (model.bin, config.json, "
                                  "tokenizer.json) or a model name that is cached.") from err
+        _check_language(cfg, getattr(self.model, "supported_languages", None))  # faster-whisper >= 1.0
         self.weights = Path(path) / "model.bin" if Path(path).is_dir() else None
 
     def transcribe(self, wav16k: np.ndarray, clip_id: str) -> str:
@@ -254,6 +280,8 @@ class TransformersWhisper:
         self.model = model.to(cfg.device).eval()
         gen = self.model.generation_config
         self.multilingual = bool(getattr(gen, "is_multilingual", False) or getattr(gen, "lang_to_id", None))
+        # A multilingual model also takes language names ("chinese"): only English-only is checked.
+        _check_language(cfg, None if self.multilingual else ["en", "english"])
         self.max_new_tokens = self.model.config.max_target_positions - self.PROMPT_TOKENS
 
     def transcribe(self, wav16k: np.ndarray, clip_id: str) -> str:
@@ -331,25 +359,15 @@ def select_hypothesis(hyps: list[Hypothesis]) -> Hypothesis:
     return max(spoken, key=lambda h: h.avg_logprob)
 
 
-def _words(text: str) -> list[str]:
-    return re.sub(r"[^\w\s']", " ", text.lower()).split()
-
-
 def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
-    """(edit distance in words, reference length) after lower-casing and dropping punctuation."""
-    ref, hyp = _words(reference), _words(hypothesis)
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        prev, row[0] = row[0], i
-        for j, h in enumerate(hyp, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
-    return row[len(hyp)], len(ref)
+    """(edit distance, reference length) in scoring tokens: Chinese (CJK) characters one by one,
+    other words whole, after lower-casing and dropping punctuation (features/audio/error_rate.py)."""
+    e = edits(reference, hypothesis)
+    return e.total, e.length
 
 
 def wer(references: dict[str, str], hypotheses: dict[str, str]) -> float:
-    """Corpus word error rate over the clips in both (total edits / total reference words)."""
-    common = sorted(set(references) & set(hypotheses))
-    if not common:
-        raise ValueError("no clip has both a reference and a hypothesis transcript")
-    edits, words = map(sum, zip(*(word_errors(references[c], hypotheses[c]) for c in common)))
-    return edits / max(words, 1)
+    """Corpus error rate over the clips in both (total edits / total reference tokens): a
+    character error rate on Chinese references, a word error rate on English ones
+    (`features.audio.error_rate.error_rate` says which, as its `unit`)."""
+    return error_rate(references, hypotheses).rate

@@ -8,9 +8,12 @@ step after it. The text encoders then read the enhanced transcripts like any oth
 The rewrite: a local causal LM (transformers folder, or a folder + GGUF file) reads the candidate transcripts of
 one utterance (raw-audio and denoised ASR) and writes the sentence it thinks was spoken, greedily, so
 a rerun gives the same text. Small LMs invent words, so a guard keeps the ASR text when the rewrite
-changes more than `max_change` of its words (word edit distance / words) or comes back empty;
-every entry records whether the rewrite was kept. The model and settings are part of the ASR cache
-key (`fingerprint`), and no downloaded code runs unless `trust_remote_code` is set.
+changes more than `max_change` of its tokens (edit distance / tokens; a Chinese character is one
+token, another word one: features/audio/error_rate.py) or comes back empty; every entry records
+whether the rewrite was kept. `asr.language` picks the built-in instruction (`INSTRUCTIONS`: zh
+Chinese, anything else English); a user's `instruction` wins. The model, settings and prompt are
+part of the ASR cache key (`fingerprint`), and no downloaded code runs unless `trust_remote_code`
+is set.
 
 Imports go one way: this module builds on `features.audio.asr`, which holds the whole `asr` params
 section (`EnhanceConfig`, `RewriteConfig` included) and the scoring and selection of hypotheses.
@@ -25,8 +28,8 @@ from pathlib import Path
 import numpy as np
 
 # EnhanceConfig and RewriteConfig are imported from here too: they live with AsrConfig.
-from features.audio.asr import (EnhanceConfig, RewriteConfig, select_hypothesis, transcribe_scored,
-                                word_errors)
+from features.audio.asr import EnhanceConfig, RewriteConfig, select_hypothesis, transcribe_scored
+from features.audio.error_rate import edits
 from features.cache import versions
 from features.params import resolve_model_path
 from features.errors import ConfigError, ModelLoadError
@@ -35,25 +38,49 @@ from features.cache.hashcache import sha256_file
 INSTRUCTION = ("You fix speech recognition errors. The candidates below are automatic transcripts of "
                "one spoken English sentence. Reply with the sentence that was most likely spoken, "
                "and nothing else.")
+INSTRUCTION_ZH = ("你负责纠正语音识别错误。下面的候选句子是同一句中文语音的自动转写结果。"
+                  "请只回复最可能说出的那句话（简体中文），不要输出其他内容。")
+INSTRUCTIONS = {"en": INSTRUCTION, "zh": INSTRUCTION_ZH}
+# Candidate label, placeholder for an empty candidate, and the reply cue of a prompt without a
+# chat template, per instruction language.
+LABELS = {"en": ("Candidate {}: ", "(nothing heard)", "\nSentence:"),
+          "zh": ("候选{}：", "（没有听到）", "\n句子：")}
 
 
-def prompt_text(candidates: list[str], instruction: str = "") -> str:
-    lines = [f"Candidate {i}: {c or '(nothing heard)'}" for i, c in enumerate(candidates, 1)]
-    return (instruction or INSTRUCTION) + "\n\n" + "\n".join(lines)
+def prompt_language(language: str) -> str:
+    """The language of the built-in prompt for an `asr.language`: zh or en."""
+    return "zh" if language.lower().split("-")[0] == "zh" else "en"
+
+
+def instruction_for(cfg: RewriteConfig) -> str:
+    """The user's instruction, else the built-in one for the ASR's language."""
+    return cfg.instruction or INSTRUCTIONS[prompt_language(cfg.language)]
+
+
+def prompt_text(candidates: list[str], instruction: str = "", language: str = "en") -> str:
+    label, nothing, _ = LABELS[prompt_language(language)]
+    lines = [label.format(i) + (c or nothing) for i, c in enumerate(candidates, 1)]
+    return (instruction or INSTRUCTIONS[prompt_language(language)]) + "\n\n" + "\n".join(lines)
 
 
 def first_sentence(generated: str) -> str:
     """The reply's first non-empty line, without a 'Candidate n:'/'Sentence:' label or quotes."""
     line = next((x for x in generated.splitlines() if x.strip()), "")
-    # a short lead-in ending in a colon ('Sentence:', 'The most likely spoken sentence is:')
-    line = re.sub(r"^[^:\"“]{0,60}:\s*(?=\S)", "", line)
-    return re.sub(r"\s+", " ", line).strip().strip('"“”\'').strip()
+    # a short lead-in ending in a colon ('Sentence:', 'The most likely spoken sentence is:', '句子：')
+    line = re.sub(r"^[^:：\"“「]{0,60}[:：]\s*(?=\S)", "", line)
+    return re.sub(r"\s+", " ", line).strip().strip('"“”\'「」『』').strip()
 
 
 def change_ratio(before: str, after: str) -> float:
-    """Word edit distance from `before` to `after` over the words of `before` (1.0 for empty)."""
-    edits, words = word_errors(before, after)
-    return edits / words if words else float(bool(after.strip()))
+    """Edit distance from `before` to `after` over the tokens of `before`, a Chinese character
+    being one token and another word one (1.0 from nothing to something)."""
+    e = edits(before, after)
+    return e.total / e.length if e.length else float(bool(e.insertions))
+
+
+def accepts(cfg: RewriteConfig, asr_text: str, rewritten: str) -> bool:
+    """The guard: a non-empty rewrite that changes at most `max_change` of the ASR text."""
+    return bool(rewritten) and change_ratio(asr_text, rewritten) <= cfg.max_change
 
 
 def fingerprint(cfg: RewriteConfig) -> dict:
@@ -76,7 +103,7 @@ def fingerprint(cfg: RewriteConfig) -> dict:
                           f"({missing or 'no weight files'}); check the folder and gguf_file.")
     settings = {k: v for k, v in vars(cfg).items() if k != "device"}
     return {**settings, "weights": {f.name: sha256_file(f) for f in files},
-            "model_files": versions.model_files(folder), "prompt": cfg.instruction or INSTRUCTION}
+            "model_files": versions.model_files(folder), "prompt": instruction_for(cfg)}
 
 
 class Rewriter:
@@ -108,13 +135,14 @@ class Rewriter:
         self.model = model.to(cfg.device).eval()
 
     def _encode(self, candidates: list[str]):
-        text = prompt_text(candidates, self.cfg.instruction)
+        text = prompt_text(candidates, self.cfg.instruction, self.cfg.language)
         if getattr(self.tokenizer, "chat_template", None):
             ids = self.tokenizer.apply_chat_template([{"role": "user", "content": text}],
                                                      add_generation_prompt=True, return_tensors="pt")
             ids = ids if self.torch.is_tensor(ids) else ids["input_ids"]
         else:
-            ids = self.tokenizer(text + "\nSentence:", return_tensors="pt").input_ids
+            cue = LABELS[prompt_language(self.cfg.language)][2]
+            ids = self.tokenizer(text + cue, return_tensors="pt").input_ids
         return ids.to(self.cfg.device)
 
     def generate(self, candidates: list[str]) -> str:
@@ -129,9 +157,7 @@ class Rewriter:
     def rewrite(self, candidates: list[str], asr_text: str) -> tuple[str, bool]:
         """The rewrite if the guard accepts it, else `asr_text`; and whether it was accepted."""
         new = self.generate(candidates)
-        if not new or change_ratio(asr_text, new) > self.cfg.max_change:
-            return asr_text, False
-        return new, True
+        return (new, True) if accepts(self.cfg, asr_text, new) else (asr_text, False)
 
 
 def verdict(kept: bool) -> str:

