@@ -72,7 +72,7 @@ def _bert(folder, seed=0):
     folder.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    BertTokenizerFast(str(folder / "vocab.txt")).save_pretrained(folder)  # positional: transformers 5 ignores vocab_file=
     config = BertConfig(
         vocab_size=len(vocab),
         hidden_size=32,
