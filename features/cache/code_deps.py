@@ -28,14 +28,17 @@ def imported_files(module: str) -> frozenset[str]:
         name = todo.pop()
         if name not in seen:
             seen.add(name)
-            todo.extend(_imports(name) - seen)
+            todo.extend(module_imports(name) - seen)
     return frozenset(versions.module_file(m).relative_to(versions.ROOT).as_posix() for m in seen)
 
 
 @functools.lru_cache(maxsize=None)
-def _imports(name: str) -> frozenset[str]:
+def module_imports(name: str) -> frozenset[str]:
+    """The project modules running `name` imports directly."""
     parts = name.split(".")
-    parents = {".".join(parts[:i]) for i in range(2, len(parts))}  # not the top-level package
+    # Python runs a module's parent packages first; the top-level ones are left out, as
+    # versions.project_imports leaves them out
+    parents = {".".join(parts[:i]) for i in range(2, len(parts))}
     by_name = {m for target in LOADED_BY_NAME.get(name, ()) for m in package_modules(target)}
     return frozenset(versions.project_imports(name) | parents | by_name)
 

@@ -65,7 +65,7 @@ def test_every_loader_by_name_a_stage_runs_is_declared():
             name = todo.pop()
             if name not in modules:
                 modules.add(name)
-                todo.extend(code_deps._imports(name))
+                todo.extend(code_deps.module_imports(name))
     assert {m for m in modules if _imports_by_name(m)} == set(code_deps.LOADED_BY_NAME)
 
 
