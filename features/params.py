@@ -2,11 +2,13 @@
 
 Unknown keys are an error (a typo must not silently fall back to a default), and model
 references of the form ``pypkg:<package>/<sub/path>`` resolve to folders that PyPI packages ship.
+`offline()` tells the model loaders whether they may go to a hub.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 import typing
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
@@ -80,3 +82,10 @@ def resolve_model_path(spec: str) -> str:
     if not path.exists():
         raise ConfigError(f"model {spec!r}: {path} does not exist inside package {package!r}.")
     return str(path)
+
+
+def offline(*variables: str) -> bool:
+    """Whether offline mode is on: any of `variables` (default HF_HUB_OFFLINE, the hub's own
+    switch) set to 1/true/yes/on. Model loaders then use cached files only and fail clearly."""
+    values = (os.environ.get(v, "") for v in variables or ("HF_HUB_OFFLINE",))
+    return any(v.strip().lower() in {"1", "true", "yes", "on"} for v in values)

@@ -1,14 +1,14 @@
 """`mer predict VIDEO...`: new clips through the same stage functions, then the trained heads.
 
 Each video gets the stages its head needs (audio, denoise, asr, faces, embed@<encoder>) with the
-settings of params.yaml, into a work folder (default ``artifacts/predict``) that is a cache like
-any store: predicting the same files again computes nothing. A video that cannot be read, or fails
-in a stage, gets a per-file error and the others go on.
+settings of params.yaml, run in process by `features.runner` (the DVC stages' code), into a work
+folder (default ``artifacts/predict``) that is a cache like any store: predicting the same files
+again computes nothing. A video that cannot be read, or fails in a stage, gets a per-file error
+and the others go on.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import sys
 from dataclasses import dataclass, field
@@ -18,22 +18,14 @@ from typing import Mapping
 import numpy as np
 
 from features.cache import lineage
-
-from features import topology as pipeline
-from features.audio.asr import AsrConfig
-from features.params import from_section
-from features.storage.dataset import FeatureSet
-from features.audio.denoise import DenoiseConfig
-from features.embedding.stage import embed_store
-from features.encoders import EncoderConfig
 from features.errors import ClipError, MerError
-from features.media.stages import AudioConfig, crop_faces, extract_audio
-from features.audio.stages import denoise_audio, transcribe_audio
-from features.media.faces import FacesConfig
-from features.media.manifest import Clip, describe, write_manifest
-from features.reliability.reports import read_json
+from features.media.manifest import Clip, describe
+from features.runner import run_stages
+from features.storage.dataset import FeatureSet
 from models.training.bundles import HeadPredictor, load_head, read_meta
 from models.training.train_config import CLASSES
+
+NEW_CLIPS_ASR = {"transcripts_csv": ""}  # new clips are not in the user's transcripts CSV
 
 
 @dataclass
@@ -54,7 +46,8 @@ def predict_videos(videos: list[str], params: Mapping, heads_dir: str | os.PathL
     predictor = trained_head(Path(heads_dir) / head)
     preds, clips = _describe_all(videos)
     with contextlib.redirect_stdout(sys.stderr):
-        failed = _run_stages(clips, predictor.cfg.features, params, work) if clips else {}
+        failed = run_stages(clips, params, work, encoders=predictor.cfg.features, keep_going=True,
+                            overrides={"asr": NEW_CLIPS_ASR}).failed if clips else {}
     ok = [c for c in clips if c.clip_id not in failed]
     for pred in preds:
         if pred.clip_id in failed:
@@ -108,57 +101,3 @@ def _describe_all(videos: list[str]) -> tuple[list[Prediction], list[Clip]]:
         except ClipError as err:
             pred.error = f"{video}: {err.detail}"
     return preds, clips
-
-
-def _run_stages(clips: list[Clip], encoders: list[str], params: Mapping, work: Path) -> dict[str, str]:
-    """Run what the encoders need; return clip id -> error for clips that failed somewhere."""
-    manifest = work / "manifest.csv"
-    write_manifest(manifest, clips)
-    cfgs = {n: from_section(EncoderConfig, params["embed"]["encoders"][n], f"embed.encoders.{n}")
-            for n in encoders}
-    inputs = {n: pipeline.stage_of(c.input) for n, c in cfgs.items()}
-    stages = pipeline.needed(list(inputs.values()))
-    at = {s: _in_work(work, pipeline.MEDIA[s].output) for s in pipeline.MEDIA if s != "prepare"}
-    runs = {
-        "audio": lambda: extract_audio(manifest, from_section(AudioConfig, params["audio"], "audio"),
-                                       at["audio"].parent),
-        "denoise": lambda: denoise_audio(at["audio"],
-                                         from_section(DenoiseConfig, params["denoise"], "denoise"),
-                                         at["denoise"].parent),
-        "asr": lambda: transcribe_audio(at["denoise"], _asr_config(params), at["asr"].parent, at["audio"]),
-        "faces": lambda: crop_faces(manifest, from_section(FacesConfig, params["faces"], "faces"),
-                                    at["faces"].parent),
-    }
-    failed: dict[str, str] = {}
-    for stage in stages:
-        _guarded(runs[stage], stage, clips, failed, _in_work(work, pipeline.MEDIA[stage].failures))
-    for name, cfg in cfgs.items():
-        stage = pipeline.embed(name, cfg.input)
-        src = at[inputs[name]] if inputs[name] != "prepare" else cfg.input
-        out = _in_work(work, stage.output)
-        _guarded(lambda: embed_store(name, cfg, src, out), stage.name, clips, failed,
-                 _in_work(work, stage.failures))
-    return failed
-
-
-def _in_work(work: Path, path: str) -> Path:
-    """Where a pipeline path lies in the predict work folder (artifacts/x -> work/x)."""
-    return work / path.split("/", 1)[1]
-
-
-def _asr_config(params: Mapping) -> AsrConfig:
-    cfg = from_section(AsrConfig, params["asr"], "asr")
-    return dataclasses.replace(cfg, transcripts_csv="")  # new clips are not in the CSV
-
-
-def _guarded(run, stage: str, clips: list[Clip], failed: dict[str, str], report: Path) -> None:
-    """Run a stage; its per-clip failures (or, if it stopped, every clip) become errors."""
-    try:
-        run()
-    except MerError as err:
-        for c in clips:
-            failed.setdefault(c.clip_id, f"{stage}: {err}")
-        return
-    if report.is_file():
-        for f in read_json(report)["failures"]:
-            failed.setdefault(f["clip_id"], f"{stage}: {f['reason']}: {f['message']}")

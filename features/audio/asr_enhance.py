@@ -11,16 +11,22 @@ a rerun gives the same text. Small LMs invent words, so a guard keeps the ASR te
 changes more than `max_change` of its words (word edit distance / words) or comes back empty;
 every entry records whether the rewrite was kept. The model and settings are part of the ASR cache
 key (`fingerprint`), and no downloaded code runs unless `trust_remote_code` is set.
+
+Imports go one way: this module builds on `features.audio.asr`, which holds the whole `asr` params
+section (`EnhanceConfig`, `RewriteConfig` included) and the scoring and selection of hypotheses.
 """
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
+# EnhanceConfig and RewriteConfig are imported from here too: they live with AsrConfig.
+from features.audio.asr import (EnhanceConfig, RewriteConfig, select_hypothesis, transcribe_scored,
+                                word_errors)
 from features.cache import versions
 from features.params import resolve_model_path
 from features.errors import ConfigError, ModelLoadError
@@ -29,27 +35,6 @@ from features.cache.hashcache import sha256_file
 INSTRUCTION = ("You fix speech recognition errors. The candidates below are automatic transcripts of "
                "one spoken English sentence. Reply with the sentence that was most likely spoken, "
                "and nothing else.")
-
-
-@dataclass
-class RewriteConfig:
-    model: str = ""  # "" = off; a local causal LM folder (or pypkg:...), e.g. SmolLM2-Instruct
-    gguf_file: str = ""  # a GGUF inside `model`, loaded through transformers gguf_file=
-    max_new_tokens: int = 48
-    max_change: float = 0.3  # keep the ASR text when the rewrite edits more than this share of words
-    device: str = "cpu"
-    trust_remote_code: bool = False
-    instruction: str = ""  # "" = INSTRUCTION (English); give your own for other languages (MER2024: zh)
-
-    def __post_init__(self):
-        if not 0 <= self.max_change:
-            raise ValueError(f"max_change must be >= 0, got {self.max_change}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-
-    @property
-    def on(self) -> bool:
-        return bool(self.model)
 
 
 def prompt_text(candidates: list[str], instruction: str = "") -> str:
@@ -67,8 +52,6 @@ def first_sentence(generated: str) -> str:
 
 def change_ratio(before: str, after: str) -> float:
     """Word edit distance from `before` to `after` over the words of `before` (1.0 for empty)."""
-    from features.audio.asr import word_errors
-
     edits, words = word_errors(before, after)
     return edits / words if words else float(bool(after.strip()))
 
@@ -156,16 +139,6 @@ def verdict(kept: bool) -> str:
     return "kept" if kept else "refused by the guard"
 
 
-@dataclass
-class EnhanceConfig:
-    select: bool = False  # per clip, the more confident of raw-audio and denoised ASR
-    rewrite: RewriteConfig = field(default_factory=RewriteConfig)
-
-    @property
-    def on(self) -> bool:
-        return self.select or self.rewrite.on
-
-
 def enhance_fingerprint(cfg: EnhanceConfig) -> dict:
     return {"select": cfg.select, "rewrite": fingerprint(cfg.rewrite) if cfg.rewrite.on else None}
 
@@ -178,8 +151,6 @@ class Enhancer:
         self.rewriter = Rewriter(cfg.rewrite) if cfg.rewrite.on else None
 
     def transcribe(self, clip_id: str, denoised: np.ndarray, raw: np.ndarray | None) -> dict:
-        from features.audio.asr import select_hypothesis, transcribe_scored
-
         hyps = [transcribe_scored(self.backend, raw, clip_id, "raw")] if raw is not None else []
         hyps.append(transcribe_scored(self.backend, denoised, clip_id, "denoised"))
         best = select_hypothesis(hyps)

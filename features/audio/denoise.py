@@ -12,7 +12,6 @@ import ctypes
 import io
 import json
 import logging
-import os
 import re
 import tarfile
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,8 +21,9 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from features.params import resolve_model_path
+from features.params import offline, resolve_model_path
 from features.errors import ConfigError, ModelLoadError
+from features.registry import Registry
 from features.cache.hashcache import sha256_file as sha256_weights
 
 
@@ -55,23 +55,13 @@ class Denoiser(Protocol):
     def close(self) -> None: ...  # release native resources; the denoiser is unusable afterwards
 
 
-_BACKENDS: dict[str, Callable[[DenoiseConfig], Denoiser]] = {}
-
-
-def register(name: str):
-    """Class decorator: make a denoiser available as `denoise.backend: <name>`."""
-    def add(factory):
-        _BACKENDS[name] = factory
-        return factory
-    return add
+# `denoise.backend: <name>` -> a factory (class or function) taking the DenoiseConfig.
+BACKENDS: Registry[Callable[[DenoiseConfig], Denoiser]] = Registry("backend", "denoise.backend")
+register = BACKENDS.register  # class decorator: @register("name")
 
 
 def make_denoiser(cfg: DenoiseConfig) -> Denoiser:
-    factory = _BACKENDS.get(cfg.backend)
-    if factory is None:
-        raise ConfigError(f"denoise.backend: unknown backend {cfg.backend!r}; known backends are "
-                          f"{sorted(_BACKENDS)}. Fix params.yaml.")
-    return factory(cfg)
+    return BACKENDS.get(cfg.backend)(cfg)
 
 
 def _as_input(wav: np.ndarray) -> np.ndarray:
@@ -246,11 +236,6 @@ MOSSFORMER_WEIGHTS = "pytorch_model.pt"
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
-def _offline() -> bool:
-    flags = (os.environ.get(k, "") for k in ("HF_HUB_OFFLINE", "MODELSCOPE_OFFLINE"))
-    return any(v.strip().lower() in {"1", "true", "yes", "on"} for v in flags)
-
-
 def _mossformer_folder(spec: str) -> Path:
     """A local model folder for `spec`: a folder as given, else a ModelScope hub id (cache first)."""
     if not spec:
@@ -273,7 +258,7 @@ def _mossformer_folder(spec: str) -> Path:
         return Path(snapshot_download(spec, local_files_only=True))
     except Exception:  # noqa: BLE001 - any cache miss means: go to the hub, or fail if offline
         pass
-    if _offline():
+    if offline("HF_HUB_OFFLINE", "MODELSCOPE_OFFLINE"):
         raise ModelLoadError(f"denoise.model {spec!r}: no local folder of that name, and as a ModelScope "
                              f"hub id it is not cached while offline mode is on (HF_HUB_OFFLINE / "
                              f"MODELSCOPE_OFFLINE). {fix}")

@@ -25,7 +25,8 @@ PROJECT = ("features", "models", "stages")
 STAGE_CODE = {
     "audio": ("features.media.stages", "features.media.ffmpeg"),
     "denoise": ("features.audio.stages", "features.audio.denoise"),
-    "asr": ("features.audio.stages", "features.audio.asr"),
+    # asr_enhance imports asr (not the other way): it computes the enhanced transcripts
+    "asr": ("features.audio.stages", "features.audio.asr", "features.audio.asr_enhance"),
     "faces": ("features.media.stages", "features.media.faces"),
     "embed": ("features.embedding.stage", "features.embedding.engine", "features.encoders"),
 }
@@ -45,9 +46,18 @@ NEUTRAL = frozenset({
     "features.cache.hashcache", "features.embedding.distributed", "features.cache.versions", "features.reliability.faults",
     "features.cache.lineage", "features.cache.keys", "features.params", "features.media.manifest",
     "features.topology", "features.media.stages", "features.audio.stages", "features.embedding.stage", "features.media.textfiles",
+    "features.registry",  # looks an implementation up by name; the implementation's module counts
 })
+# Weight files in any format: `model_files` leaves them out (the stages hash their weights
+# themselves) and the ASR rewrite hashes them as its LLM's weights. The one list of the project.
 WEIGHT_SUFFIXES = (".bin", ".safetensors", ".gguf", ".pt", ".pth", ".ckpt", ".onnx", ".h5",
                    ".msgpack", ".npz")
+# The subset an encoder's weight hash covers (`features.encoders.base.weight_files`): what its
+# torch / transformers / GGUF loaders read. A hub folder often also ships ONNX, TF (.h5), Flax
+# (.msgpack) or Lightning (.ckpt) copies that no encoder loads: hashing them would only cost
+# time, and turn a new copy beside the weights into a re-encode with the same numbers.
+ENCODER_WEIGHT_SUFFIXES = tuple(s for s in WEIGHT_SUFFIXES
+                                if s not in {".ckpt", ".onnx", ".h5", ".msgpack", ".npz"})
 
 
 def fingerprint(stage: str) -> dict:

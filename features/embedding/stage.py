@@ -23,6 +23,7 @@ from features.reliability.clips import check_not_all_failed
 from features.encoders.encoder_config import CODE_VERSION, EncoderConfig
 from features.errors import ConfigError, MerError
 from features.reliability.reports import FailureReport, read_json
+from features.storage.record import StoreRecord
 from features.storage.store import StoreReader, StoreUpdate, clip_key
 
 INPUT_KIND = {"speech": "audio", "vision": "faces"}
@@ -93,7 +94,7 @@ def embed_store(name: str, cfg: EncoderConfig, input_path: str | os.PathLike,
     inputs = Inputs(cfg, input_path)
     failures = FailureReport(f"embed@{name}")
     try:
-        meta = _cached_meta(cfg, out_path, inputs.keys, dtype)
+        meta = _cached_meta(name, cfg, out_path, inputs.keys, dtype)
         if meta is not None:  # nothing to compute: refresh the store's clip set and layout only
             wanted = _wanted(inputs.keys, meta, dtype)
             with StoreUpdate(out_path, "embedding", meta, wanted, compression=meta["compression"],
@@ -123,7 +124,19 @@ def _sources(cfg: EncoderConfig) -> str | None:
                       versions.STAGE_PACKAGES["embed"], code, runtime)
 
 
-def _cached_meta(cfg: EncoderConfig, out: Path, keys: dict, dtype: np.dtype) -> dict | None:
+def store_meta(name: str, cfg: EncoderConfig, fingerprint: dict, num_layers: int,
+               hidden_size: int, sources: str | None) -> dict:
+    """The embedding store's meta: every hidden state pooled, `layers_frames` kept as frames."""
+    return StoreRecord(
+        producer="encoder", name=name, family=cfg.family, layers_pooled=tuple(range(num_layers)),
+        layers_frames=tuple(cfg.layers_frames), hidden_size=hidden_size,
+        store_dtype=store_dtype(cfg).name, fingerprint=fingerprint,
+        code_version=fingerprint.get("code_version"),  # the encoders' CODE_VERSION, in the keys
+        extra={"sources": sources, **store_layout(cfg)}).to_meta()
+
+
+def _cached_meta(name: str, cfg: EncoderConfig, out: Path, keys: dict,
+                 dtype: np.dtype) -> dict | None:
     """The store meta to write when every clip is cached under a remembered fingerprint."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return None  # ranks coordinate through the process group: see _encode_sharded
@@ -131,7 +144,8 @@ def _cached_meta(cfg: EncoderConfig, out: Path, keys: dict, dtype: np.dtype) -> 
     old = remembered(out, sources)
     if old is None or old.get("store_dtype") != dtype.name:
         return None
-    meta = {**old, "layers_frames": cfg.layers_frames, **store_layout(cfg)}
+    # Rebuilt from the remembered values (a store written before records lacks the new keys).
+    meta = store_meta(name, cfg, old["fingerprint"], old["num_layers"], old["hidden_size"], sources)
     return None if still_to_do(out, _wanted(keys, meta, dtype)) else meta
 
 
@@ -145,15 +159,12 @@ def _load_and_encode(name: str, cfg: EncoderConfig, inputs: Inputs, out_path: Pa
     from features.encoders import load_encoder
 
     _, world = dist.rank_and_world()
-    dtype, layout = store_dtype(cfg), store_layout(cfg)
     dist.init()
     encoder = load_encoder(dist.rank_config(cfg))
     fp = {**encoder.fingerprint(), **versions.fingerprint("embed"),  # code, libraries, tokenizer
           "model_files": versions.model_files(resolve_model_path(cfg.model))}
-    meta = {"encoder": name, "fingerprint": fp, "layers_frames": cfg.layers_frames,
-            "num_layers": encoder.num_layers, "hidden_size": encoder.hidden_size,
-            "store_dtype": dtype.name, "sources": _sources(cfg), **layout}
-    wanted = _wanted(inputs.keys, meta, dtype)
+    meta = store_meta(name, cfg, fp, encoder.num_layers, encoder.hidden_size, _sources(cfg))
+    wanted = _wanted(inputs.keys, meta, store_dtype(cfg))
     if world == 1:
         _encode_into(out_path, meta, wanted, encoder, inputs, failures, name, workers)
     else:

@@ -12,42 +12,36 @@ keys first); `Encoder`, `EncodedClip` and `load_encoder` pull in torch on first 
 from __future__ import annotations
 
 import importlib
-import sys
 from typing import Any
 
 from features.encoders.encoder_config import CODE_VERSION, EncoderConfig
-from features.errors import ConfigError
+from features.registry import Registry
 
 # Imported on first use: each module pulls in its part of transformers (vision alone ~2 s), and
 # an embed stage is a fresh process that needs one family.
 FAMILY_MODULES = ("speech", "vision", "text")
+# family name -> Encoder subclass (`features.encoders.base.register`). It lives here, torch-free,
+# so that a config can be checked against the known families before torch loads.
+FAMILIES: Registry[Any] = Registry("family", "embed.encoders.<name>.family",
+                                   modules={f: f"features.encoders.{f}" for f in FAMILY_MODULES})
 
 __all__ = ["CODE_VERSION", "EncodedClip", "Encoder", "EncoderConfig", "load_encoder"]
 
 
 def known_families() -> set[str]:
     """Built-in families plus any registered by an imported module (torch-free)."""
-    base = sys.modules.get("features.encoders.base")
-    return {*FAMILY_MODULES, *(base.FAMILIES if base is not None else ())}
+    return set(FAMILIES.names())
 
 
 def load_encoder(cfg: EncoderConfig) -> Any:
     """Build the encoder of `cfg.family`, loading its model (never random weights)."""
-    from features.encoders.base import FAMILIES
-
-    if cfg.family in FAMILY_MODULES:
-        importlib.import_module(f"features.encoders.{cfg.family}")  # registers the family
-    if cfg.family not in FAMILIES:
-        raise ConfigError(
-            f"encoder family {cfg.family!r} is unknown; known families are "
-            f"{sorted(known_families())}. Set `family:` in params.yaml embed.encoders."
-        )
+    family = FAMILIES.get(cfg.family)  # imports the family's module on first use
     from features.encoders.architectures import specialised  # Whisper, the FER2013 CNN
 
-    return (specialised(cfg) or FAMILIES[cfg.family])(cfg)
+    return (specialised(cfg) or family)(cfg)
 
 
 def __getattr__(name: str) -> Any:  # Encoder, EncodedClip: torch only when asked for
-    if name in ("Encoder", "EncodedClip", "FAMILIES"):
+    if name in ("Encoder", "EncodedClip"):
         return getattr(importlib.import_module("features.encoders.base"), name)
     raise AttributeError(f"module 'features.encoders' has no attribute {name!r}")

@@ -22,13 +22,14 @@ from packaging.version import Version
 from tqdm.auto import tqdm
 
 from features.cache import hashcache
+from features.cache.versions import ENCODER_WEIGHT_SUFFIXES
+from features.encoders import FAMILIES
 from features.params import resolve_model_path
 from features.encoders.encoder_config import CODE_VERSION, DTYPE_NAMES, EncoderConfig
 from features.encoders.pooling import span_picks, span_pool, spans_to_mask
 from features.errors import ConfigError, ModelLoadError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 # Weights nothing here reads (heads, poolers, pretraining-only parameters): missing is fine.
 UNUSED_WEIGHTS = ("pooler.", "masked_spec_embed", "lm_head.", "visual_projection", "text_projection")
 
@@ -39,14 +40,11 @@ class EncodedClip:
     frames: np.ndarray  # float32 [K, T, D]: the layers_frames states at valid positions
 
 
-FAMILIES: dict[str, type[Encoder]] = {}
-
-
 def register(family: str) -> Callable[[type[Encoder]], type[Encoder]]:
+    """Class decorator: make an Encoder subclass available as `family: <family>`."""
     def add(cls: type[Encoder]) -> type[Encoder]:
         cls.family = family
-        FAMILIES[family] = cls
-        return cls
+        return FAMILIES.register(family, cls)
 
     return add
 
@@ -450,10 +448,10 @@ def weights_hash(path: str, gguf_file: str, config: Any) -> str:
 def weight_files(folder: Path, gguf_file: str = "") -> list[Path]:
     if gguf_file:
         return [folder / gguf_file]
-    files = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+    files = sorted(p for p in folder.iterdir() if p.suffix in ENCODER_WEIGHT_SUFFIXES and p.is_file())
     safetensors = [p for p in files if p.suffix == ".safetensors"]
     if safetensors:  # loaded in preference to .bin, so they alone decide the numbers
         return safetensors
     if not files:
-        raise ModelLoadError(f"{folder}: no weight files ({', '.join(WEIGHT_SUFFIXES)}) found.")
+        raise ModelLoadError(f"{folder}: no weight files ({', '.join(ENCODER_WEIGHT_SUFFIXES)}) found.")
     return files

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from features.errors import ConfigError
+from models.training.cv import class_weights  # also imported from here (tests, benchmarks)
 from models.training.train_config import CLASSES
 
 CODE_VERSION = "adapt-1"
@@ -265,12 +266,6 @@ def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextMana
     if dtype not in ("float32", *half):
         raise ConfigError(f"adapt: dtype {dtype!r}; use float32, bfloat16 or float16.")
     return contextlib.nullcontext()
-
-
-def class_weights(y: np.ndarray, n_classes: int) -> Tensor:
-    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
-    w = np.where(counts > 0, len(y) / (n_classes * np.maximum(counts, 1)), 0.0)
-    return torch.tensor(w, dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------- training

@@ -20,9 +20,11 @@ from features.encoders import EncoderConfig, load_encoder
 from features.errors import ConfigError, ModelLoadError
 from features.media.manifest import read_manifest
 from features.reliability.reports import write_json_atomic
+from features.storage.record import StoreRecord
 from features.storage.store import StoreReader, StoreUpdate, clip_key
 from features.encoders.base import pick_device
-from models.adapt.lora import AdaptConfig, adapt_features, layer_stack, resolve_layers, training_digest
+from models.adapt.lora import (CODE_VERSION, AdaptConfig, adapt_features, layer_stack, resolve_layers,
+                               training_digest)
 from models.training.train_config import CLASSES
 from models.evaluation.metrics import compute_metrics
 
@@ -90,11 +92,13 @@ def adapt_store(name: str, cfg: AdaptConfig, enc_cfg: EncoderConfig, manifest: s
         keys = {cid: reader.keys[cid] for cid in ids}
         digest = training_digest(cfg, base_fp, keys, labels, folds, first, last)
         wanted = {cid: clip_key("adapt", keys[cid], digest) for cid in ids}
-        meta = {"encoder": name, "source": source, "fingerprint": {"base": base_fp, "adapt": digest},
-                "adapted_layers": list(range(first, last + 1)), "prefix_layer": first - 1,
-                "layers_frames": [-1] if cfg.write_frames else [], "num_layers": last - first + 1,
-                "hidden_size": int(reader.pooled_shape[2]), "store_dtype": "float16",
-                "config": dataclasses.asdict(cfg)}
+        meta = StoreRecord(
+            producer="transform", name=name, family="adapt", layers_pooled=tuple(range(first, last + 1)),
+            layers_frames=(-1,) if cfg.write_frames else (), hidden_size=int(reader.pooled_shape[2]),
+            store_dtype="float16", fingerprint={"base": base_fp, "adapt": digest},
+            code_version=CODE_VERSION,  # the adapt code version inside `digest`
+            extra={"source": source, "adapted_layers": list(range(first, last + 1)),
+                   "prefix_layer": first - 1, "config": dataclasses.asdict(cfg)}).to_meta()
         with StoreUpdate(store_out, "embedding", meta, wanted) as up:
             print(f"[adapt {name}] {len(ids)} clips ({len(labelled)} labelled): {up.reused} cached, "
                   f"{len(up.todo)} to write; layers {first}..{last} from cached layer {first - 1}")

@@ -1,7 +1,8 @@
 """The head registry: every `train.heads.<name>.type`, with its config, inputs, trainer and model.
 
 A head type is one module that calls `register(HeadType(...))` at import, plus one line in
-`MODULES` below (type name -> module), so that `get(name)` can import it on first use. Training
+`MODULES` below (type name -> module), so that `get(name)` can import it on first use (a
+`features.registry.Registry`, like the project's other registries). Training
 (`models.training.stage`), `mer predict` and `mer metrics` (through `models.training.bundles`) and the docs find head
 types only here. This module imports no torch and no head module at import time.
 
@@ -27,6 +28,7 @@ from typing import Any, Callable, Mapping
 
 from features.params import from_section
 from features.errors import ConfigError
+from features.registry import Registry
 
 INPUTS = ("pooled", "frames")
 
@@ -66,32 +68,24 @@ class HeadType:
         return importlib.import_module(self.trainer)
 
 
-_REGISTRY: dict[str, HeadType] = {}
+# The key is `type`: `head_config` puts the entry's place (train.heads.<name>) in front of it.
+HEADS: Registry[HeadType] = Registry("head type", "type", modules=MODULES, renamed=RENAMED,
+                                     describe=lambda head: head.trainer)
 
 
 def register(head: HeadType) -> HeadType:
     """Add a head type (a module calls this at import); the same name twice is an error."""
-    old = _REGISTRY.get(head.name)
-    if old is not None and old != head:
-        raise ConfigError(f"head type {head.name!r} is registered twice ({old.trainer}, "
-                          f"{head.trainer}); pick another name.")
-    _REGISTRY[head.name] = head
-    return head
+    return HEADS.register(head.name, head)
 
 
 def get(name: str) -> HeadType:
     """The registered head type `name` (its module is imported on first use)."""
-    if name not in _REGISTRY and name in MODULES:
-        importlib.import_module(MODULES[name])
-    if name not in _REGISTRY:
-        hint = f" It was renamed: use {RENAMED[name]}." if name in RENAMED else ""
-        raise ConfigError(f"type {name!r} is not a head type; known types are {names()}.{hint}")
-    return _REGISTRY[name]
+    return HEADS.get(name)
 
 
 def names() -> list[str]:
     """Every head type: the built-in ones and any registered at run time."""
-    return sorted(set(MODULES) | set(_REGISTRY))
+    return HEADS.names()
 
 
 def head_config(entry: Mapping[str, Any] | None, where: str = "train.heads.<name>") -> Any:

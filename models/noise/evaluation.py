@@ -5,7 +5,9 @@ For a condition (`noise@<name>`): make the noisy copies, run audio, faces, every
 clip, the most confident of the raw-audio and the denoised hypothesis; `features.audio.asr.select_hypothesis`),
 the encoders the scored heads read, then score each head per variant. Variants: a denoise backend
 (`none`, `deepfilternet`, `mossformer2`), and `<backend>+enh` where the text encoders read the
-enhanced transcripts. Every store under the condition's folder is a per-clip cache.
+enhanced transcripts. Every store under the condition's folder is a per-clip cache. Audio, denoise,
+faces and the encoders run through `features.runner` (the DVC stages' code, each variant in its
+own folder); ASR is this module's own: scored hypotheses, so the enhancement can select per clip.
 
 Heads are the ones trained on clean clips, and the copies are noisy versions of their labelled
 training clips, so a copy is scored out-of-fold: only by the fold model that held its source clip
@@ -28,14 +30,11 @@ from features.audio.asr import (AsrConfig, Hypothesis, load_backend, load_transc
 from features.audio.asr_enhance import rewrite_all
 from features.reliability.clips import for_each_clip
 from features.params import as_dict, from_section
+from features.runner import run_stages
 from features.storage.dataset import FeatureSet
 from features.audio.denoise import DenoiseConfig
-from features.embedding.stage import embed_store
-from features.encoders import EncoderConfig
 from features.errors import MerError
-from features.media.stages import AudioConfig, crop_faces, extract_audio
-from features.audio.stages import asr_fingerprint, denoise_audio
-from features.media.faces import FacesConfig
+from features.audio.stages import asr_fingerprint
 from features.media.manifest import read_manifest
 from features.noise.mixing import ConditionConfig
 from features.noise.copies import NoiseConfig, condition_config, make_copies, read_lineage
@@ -57,13 +56,14 @@ def run_condition(name: str, cfg: NoiseConfig, params: Mapping, manifest: str | 
     clips = read_manifest(copies)
     heads = {h: _load_head(Path(heads_dir) / h) for h in cfg.heads}
     encoders = sorted({n for p in heads.values() for n in p.cfg.features})
-    audio = extract_audio(copies, from_section(AudioConfig, params["audio"], "audio"), work / "audio")
-    backends = _denoise(audio, cfg, params, work)
+    audio = run_stages(copies, params, work, ["audio"]).paths["audio"]
+    backends = _denoise(copies, audio, cfg, params, work)
     texts = _transcripts(backends, cfg, params, work) if _needs_text(encoders, params) else {}
-    faces = crop_faces(copies, from_section(FacesConfig, params["faces"], "faces"), work / "faces") \
+    faces = run_stages(copies, params, work, ["faces"]).paths["faces"] \
         if _needs(encoders, params, "faces") else None
     variants = {b: b for b in backends} | {v: _backend_of(v) for v in texts if v not in backends}
-    views = {v: _embed_variant(v, b, encoders, params, backends, texts, faces, work) for v, b in variants.items()}
+    views = {v: _embed_variant(copies, v, b, encoders, params, {"audio": audio, "faces": faces},
+                               backends, texts, work) for v, b in variants.items()}
     refs = load_transcripts_csv(cfg.reference) if cfg.reference else {}
     lineage = read_lineage(work / "copies/lineage.csv")
     result = {"condition": name, "snr_db": cond.nominal_snr() if cond.noise != "none" else None,
@@ -104,15 +104,17 @@ def _needs_text(encoders: list[str], params: Mapping) -> bool:
     return _needs(encoders, params, "asr")
 
 
-def _denoise(audio: Path, cfg: NoiseConfig, params: Mapping, work: Path) -> dict[str, Path]:
-    """backend -> denoised store. mossformer2 without its weights is skipped with a message."""
+def _denoise(copies: Path, audio: Path, cfg: NoiseConfig, params: Mapping, work: Path) -> dict[str, Path]:
+    """backend -> denoised store (params.yaml `denoise` with that backend; the model only for the
+    configured backend). mossformer2 without its weights is skipped with a message."""
     base = from_section(DenoiseConfig, params["denoise"], "denoise")
     out = {}
     for backend in cfg.denoise:
         model = base.model if backend == base.backend else ""
-        den = DenoiseConfig(**{**as_dict(base), "backend": backend, "model": model})
         try:
-            out[backend] = denoise_audio(audio, den, work / f"denoise_{backend}")
+            out[backend] = run_stages(copies, params, work, ["denoise"], given={"audio": audio},
+                                      overrides={"denoise": {"backend": backend, "model": model}},
+                                      folders={"denoise": work / f"denoise_{backend}"}).paths["denoise"]
         except MerError as err:
             if backend != "mossformer2":
                 raise
@@ -170,22 +172,18 @@ def _write_texts(path: Path, hyps: dict[str, Hypothesis], variant: str) -> Path:
     return write_json_atomic(path, {"asr": {"variant": variant}, "transcripts": texts})
 
 
-def _embed_variant(variant: str, backend: str, encoders: list[str], params: Mapping,
-                   denoised: dict[str, Path], texts: dict[str, Path], faces: Path | None,
+def _embed_variant(copies: Path, variant: str, backend: str, encoders: list[str], params: Mapping,
+                   media: dict[str, Path | None], denoised: dict[str, Path], texts: dict[str, Path],
                    work: Path) -> dict[str, Path]:
-    """encoder -> store for one variant; stores are shared between variants with the same input."""
-    view = {}
-    for name in encoders:
-        enc = params["embed"]["encoders"][name]
-        stage = _input_stage(enc)
-        source, tag = {"audio": (work / "audio/audio", "audio"),
-                       "denoise": (denoised[backend], f"denoise_{backend}"),
-                       "asr": (texts.get(variant), f"asr_{variant}"),
-                       "faces": (faces, "faces")}[stage]
-        store = work / "features" / tag / name
-        embed_store(name, from_section(EncoderConfig, enc, f"embed.encoders.{name}"), source, store)
-        view[name] = store
-    return view
+    """encoder -> store for one variant, at features/<its input's tag>/<encoder>: stores are shared
+    between variants with the same input. `media`: the audio and faces stores (None: not made)."""
+    given = {**media, "denoise": denoised[backend], "asr": texts.get(variant)}
+    tags = {"audio": "audio", "denoise": f"denoise_{backend}", "asr": f"asr_{variant}", "faces": "faces"}
+    folders = {f"embed@{n}": work / "features" / tags[_input_stage(params["embed"]["encoders"][n])] / n
+               for n in encoders}
+    run = run_stages(copies, params, work, encoders=encoders, folders=folders,
+                     given={s: p for s, p in given.items() if p is not None})
+    return {n: run.paths[f"embed@{n}"] for n in encoders}
 
 
 def _score(heads: dict, views: dict[str, dict[str, Path]], clips, heads_dir: Path,

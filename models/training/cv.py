@@ -137,9 +137,18 @@ def held_out_index(splits: Splits, n: int) -> np.ndarray:
     return fold_of
 
 
-def class_weights(y: np.ndarray) -> Tensor:
-    """sklearn's "balanced" weights n / (k * count) over present classes; absent classes get 0."""
-    counts = np.bincount(y, minlength=len(CLASSES)).astype(np.float64)
+def class_weights(y: np.ndarray, n_classes: int = len(CLASSES)) -> Tensor:
+    """[n_classes] weights n / (present * count): scikit-learn's "balanced" weighting, the one
+    definition for every trainer (neural heads, ridge probes, LightGBM, LoRA adaptation).
+
+    Chosen because `present` counts only the classes that occur in `y`, so the weights average
+    1 over the training rows whatever classes a fold lacks; dividing by all C classes would
+    shrink them when one is missing, which matters where weights act unnormalised (LightGBM
+    sample weights, the ridge probes' penalty balance). A mean-reduced weighted cross entropy
+    (the neural heads, LoRA) divides by the weights' sum, so a common factor cancels there. An
+    absent class gets weight 0: it has no rows. With every class present this is n / (C * count).
+    """
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
     present = counts > 0
     w = np.zeros_like(counts)
     w[present] = len(y) / (present.sum() * counts[present])

@@ -43,10 +43,9 @@ from features.reliability.reports import write_json_atomic
 from models.training.train_config import CLASSES
 from models.evaluation.metrics import compute_metrics, fast_scores
 from models.evaluation.plots import plot_layer_curve
-from models.training.cv import fold_class_weights, given_splits, own_rng
+from models.training.cv import EPS_STD, fold_class_weights, given_splits, own_rng
 from models.heads.layer_select import BEST, WEIGHTS
 
-EPS_STD = 1e-6
 SCORES, PLOT = "scores.json", "layers.png"
 
 

@@ -122,6 +122,7 @@ def align_store(cfg: AlignConfig, manifest: str | os.PathLike, features_dir: str
     """Fit the map on pool + labelled (+ test if transductive) clips, write the aligned store."""
     from features.media.manifest import read_manifest
     from features.reliability.reports import write_json_atomic
+    from features.storage.record import StoreRecord
     from features.storage.store import StoreReader, StoreUpdate, clip_key
     from models.unlabelled.selection import target_groups
 
@@ -145,9 +146,10 @@ def align_store(cfg: AlignConfig, manifest: str | os.PathLike, features_dir: str
         out, digest = amap(visual), amap.digest()
     else:
         out, digest = visual.astype(np.float32), "none"
-    meta = {"encoder": cfg.name, "fingerprint": {"align": asdict(cfg), "map": digest},
-            "num_layers": 1, "hidden_size": int(out.shape[1]), "layers_frames": [],
-            "store_dtype": "float32"}
+    # One pooled row that is no model layer (row 0). No code version: the keys hold none today.
+    meta = StoreRecord(producer="transform", name=cfg.name, family="align", layers_pooled=(0,),
+                       layers_frames=(), hidden_size=int(out.shape[1]), store_dtype="float32",
+                       fingerprint={"align": asdict(cfg), "map": digest}, code_version=None).to_meta()
     wanted = {cid: clip_key("align", src_keys[cid], digest) for cid in ids}
     with StoreUpdate(Path(out_dir), "embedding", meta, wanted) as up:
         todo = set(up.todo)

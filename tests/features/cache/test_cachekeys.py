@@ -108,7 +108,7 @@ def test_cached_denoise_rerun_loads_no_denoiser(tmp_path, monkeypatch):
     _audio_store(tmp_path / "audio")
     made = []
     real = features.audio.stages.make_denoiser
-    monkeypatch.setattr(features.media.stages, "make_denoiser", lambda cfg: made.append(cfg) or real(cfg))
+    monkeypatch.setattr(features.audio.stages, "make_denoiser", lambda cfg: made.append(cfg) or real(cfg))
     cfg = DenoiseConfig(backend="none")
     denoise_audio(tmp_path / "audio", cfg, tmp_path / "out")
     store = tmp_path / "out" / features.audio.stages.DENOISED_DIR
