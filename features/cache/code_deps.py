@@ -10,9 +10,9 @@ import functools
 
 from features.cache import versions
 
-# Modules that import project modules by name (importlib) -> what they may import (a package
-# stands for all its modules). tests/stages/test_dvc_deps.py checks that no other module a stage
-# runs imports by name.
+# Modules that load project modules by name (importlib, a Registry's `modules` table), which no
+# import statement shows -> what they may load (a package stands for all its modules).
+# tests/stages/test_dvc_deps.py checks that no other module a stage runs loads by name.
 LOADED_BY_NAME = {
     "features.encoders": ("features.encoders",),  # encoder families
     "models.heads.registry": ("models.heads", "models.training.pooled_trainer",
