@@ -1,4 +1,5 @@
-# `make demo`: set up and run the bundled demo through `dvc repro`; `make test`: set up and test.
+# `make demo`: set up and run the bundled demo through `dvc repro`; `make test`: set up and test;
+# `make deps`: rewrite dvc.yaml's code deps from the stages' imports (scripts/dvc_deps.py).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU wheel of torch; on a CUDA machine set TORCH_SPEC to the build you want.
@@ -7,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup demo test clean-demo
+.PHONY: setup demo test deps clean-demo
 
 setup: $(VENV)/.installed
 
@@ -26,6 +27,9 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+deps: setup
+	$(PY) scripts/dvc_deps.py --write
 
 clean-demo:
 	rm -rf artifacts results

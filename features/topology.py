@@ -1,8 +1,10 @@
-"""The pipeline's topology: each stage's inputs and outputs, as dvc.yaml wires them.
+"""The pipeline's topology: every stage dvc.yaml runs, and each stage's inputs and outputs.
 
-One description used by `mer status` (clips per stage) and `mer predict` (which stages a new
-clip needs); `tests/features/test_topology.py` checks it against dvc.yaml, so the two cannot drift.
-Foreach stages are templates over a name (``embed@<encoder>``, ``train@<head>``, ...).
+The one stage list: `STAGES` names each dvc.yaml stage with the module that runs it (the `mer`
+subcommands and scripts/dvc_deps.py come from it); `MEDIA` and the functions below give the
+outputs and upstream stages that `mer status` (clips per stage) and `mer predict` (which stages a
+new clip needs) read. `tests/features/test_topology.py` checks both against dvc.yaml, so they
+cannot drift. Foreach stages are templates over a name (``embed@<encoder>``, ``train@<head>``, ...).
 """
 from __future__ import annotations
 
@@ -10,6 +12,42 @@ from dataclasses import dataclass
 from typing import Mapping
 
 MANIFEST = "artifacts/prepare/manifest.csv"
+HEADS = "artifacts/heads"  # one folder per trained head (train@<head>)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """How dvc.yaml runs a stage: ``python -m <module> <args> ...``; a foreach stage runs once per
+    key of the params section `foreach` names, with the key as the first argument after `args`."""
+
+    name: str
+    module: str
+    args: tuple[str, ...] = ()
+    foreach: str = ""  # params section of a foreach stage ("" = one stage)
+
+
+# every stage of dvc.yaml, in its order
+STAGES = {e.name: e for e in (
+    Entry("prepare", "stages.prepare"),
+    Entry("audio", "stages.audio"),
+    Entry("denoise", "stages.denoise"),
+    Entry("asr", "stages.asr"),
+    Entry("faces", "stages.faces"),
+    Entry("embed", "stages.embed", foreach="embed.encoders"),
+    Entry("probe", "stages.probe", foreach="embed.encoders"),
+    Entry("adapt", "stages.adapt", foreach="adapt"),
+    Entry("joint", "stages.joint", foreach="joint"),
+    Entry("train", "stages.train", foreach="train.heads"),
+    Entry("ensemble", "stages.ensemble", foreach="ensemble"),
+    Entry("evaluate", "stages.evaluate"),
+    Entry("align", "stages.align"),
+    Entry("priors", "stages.priors"),
+    Entry("semi_base", "stages.semi", ("base",)),  # round 0 of the self-training rounds
+    Entry("semi", "stages.semi", foreach="semi.rounds"),
+    Entry("semi_report", "stages.semi_report"),
+    Entry("noise", "stages.noise", foreach="noise.conditions"),
+    Entry("noise_report", "stages.noise_report"),
+)}
 
 
 @dataclass(frozen=True)
@@ -51,7 +89,7 @@ def probe(name: str) -> Stage:
 
 def train(name: str, encoders: list[str]) -> Stage:
     upstream = ("prepare", *(f"embed@{e}" for e in encoders), *(f"probe@{e}" for e in encoders))
-    return Stage(f"train@{name}", f"artifacts/heads/{name}", f"artifacts/heads/{name}/failures.json",
+    return Stage(f"train@{name}", f"{HEADS}/{name}", f"{HEADS}/{name}/failures.json",
                  upstream, per_clip=False)
 
 

@@ -1,6 +1,7 @@
 """`mer`: the same stage functions as `dvc repro`, for use outside DVC.
 
-    mer prepare --out artifacts/prepare          (any stage: mer STAGE --help)
+    mer prepare --out artifacts/prepare          any stage dvc.yaml runs, with its arguments
+                                                 (stages in features/topology.py; mer STAGE --help)
     mer standins artifacts/standins              build the random-weight demo stand-ins
     mer store inspect artifacts/features/hubert
     mer store prune artifacts                    delete clips stores keep after they left the input
@@ -20,9 +21,16 @@ import sys
 
 from features.errors import MerError
 from features.media.manifest import CLASSES
+from features.topology import EVALUATE, HEADS, STAGES
+from stages.common import guard
 
-STAGES = ("prepare", "audio", "denoise", "asr", "faces", "embed", "probe", "train", "ensemble",
-          "evaluate")
+TOOLS = ("standins", "store", "status", "predict", "metrics", "report")
+
+
+def _stage(name: str, argv: list[str]) -> None:
+    """`mer <stage>`: the entry dvc.yaml runs for it, with the arguments dvc.yaml puts first."""
+    entry = STAGES[name]
+    importlib.import_module(entry.module).main([*entry.args, *argv])
 
 
 def _inspect(argv: list[str]) -> None:
@@ -125,7 +133,7 @@ def _predict(argv: list[str]) -> int:
     p.add_argument("videos", nargs="+")
     p.add_argument("--head", default="", help="trained head (default: evaluate.main_head)")
     p.add_argument("--params", default="params.yaml")
-    p.add_argument("--heads", default="artifacts/heads", help="folder of trained heads")
+    p.add_argument("--heads", default=HEADS, help="folder of trained heads")
     p.add_argument("--work", default="artifacts/predict", help="cache folder for the new clips")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--priors", default="", help="prior-shift correction: 'em' (priors estimated "
@@ -154,7 +162,7 @@ def _predict(argv: list[str]) -> int:
 def _metrics(argv: list[str]) -> None:
     from models.training.stage import read_metrics
     p = argparse.ArgumentParser(prog="mer metrics", description="Out-of-fold metrics per head.")
-    p.add_argument("path", nargs="?", default="results/metrics.json")
+    p.add_argument("path", nargs="?", default=EVALUATE.output)
     args = p.parse_args(argv)
     try:
         metrics = read_metrics(args.path)
@@ -195,37 +203,26 @@ def _standins(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = f"usage: mer {{{','.join(STAGES)},standins,store,status,predict,metrics,report}} ..."
+    usage = f"usage: mer {{{','.join([*STAGES, *TOOLS])}}} ..."
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip() + "\n\n" + usage)
         return 0
     cmd, rest = argv[0], argv[1:]
-    try:
-        if cmd in STAGES:
-            importlib.import_module(f"stages.{cmd}").main(rest)
-        elif cmd == "predict":
-            return _predict(rest)
-        elif cmd == "status":
-            _status(rest)
-        elif cmd == "metrics":
-            _metrics(rest)
-        elif cmd == "report":
-            _report(rest)
-        elif cmd == "standins":
-            _standins(rest)
-        elif cmd == "store" and rest[:1] == ["inspect"]:
-            _inspect(rest[1:])
-        elif cmd == "store" and rest[:1] == ["prune"]:
-            _prune(rest[1:])
-        elif cmd == "store" and rest[:1] == ["export"]:
-            _export(rest[1:])
-        else:
-            print(f"mer: unknown command {' '.join(argv[:2])!r}\n{usage}", file=sys.stderr)
-            return 2
-    except MerError as err:
-        print(f"mer {cmd}: error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return guard(lambda: _command(cmd, rest, usage), f"mer {cmd}")
+
+
+def _command(cmd: str, rest: list[str], usage: str) -> int | None:
+    if cmd in STAGES:
+        return _stage(cmd, rest)
+    tools = {"predict": _predict, "status": _status, "metrics": _metrics, "report": _report,
+             "standins": _standins}
+    if cmd in tools:
+        return tools[cmd](rest)
+    store = {"inspect": _inspect, "prune": _prune, "export": _export}
+    if cmd == "store" and rest[:1] and rest[0] in store:
+        return store[rest[0]](rest[1:])
+    print(f"mer: unknown command {' '.join([cmd, *rest[:1]])!r}\n{usage}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

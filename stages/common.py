@@ -26,14 +26,22 @@ def load_params(section: str, path: str | os.PathLike = "params.yaml") -> Any:
     return node
 
 
-def run(main: Callable[[], object]) -> None:
-    """`python -m stages.<stage>` (what dvc.yaml runs): a MerError is a message for the user,
-    printed as `<stage>: error: <message>` without a traceback, and the exit status is 1."""
+def guard(main: Callable[[], object], prog: str) -> int:
+    """The exit status of `main` (0 unless it returns an int): a MerError is a message for the
+    user, printed as `<prog>: error: <message>` without a traceback, and the status is 1."""
     try:
-        main()
+        status = main()
     except MerError as err:
-        print(f"{Path(sys.argv[0]).stem}: error: {err}", file=sys.stderr)
-        sys.exit(1)
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 1
+    return status if isinstance(status, int) else 0
+
+
+def run(main: Callable[[], object]) -> None:
+    """`python -m stages.<stage>` (what dvc.yaml runs): `main` under `guard`, named by its file."""
+    status = guard(main, Path(sys.argv[0]).stem)
+    if status:
+        sys.exit(status)
 
 
 def parser(description: str) -> argparse.ArgumentParser:

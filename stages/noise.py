@@ -6,7 +6,7 @@ import yaml
 from features.params import from_section
 from features.noise.copies import NoiseConfig
 from models.noise.evaluation import run_condition
-from stages.common import load_params, parser, setup
+from stages.common import load_params, parser, run, setup
 
 
 def main(argv=None) -> None:
@@ -28,4 +28,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -3,7 +3,7 @@
 from features.params import from_section
 from features.noise.copies import NoiseConfig
 from models.noise.evaluation import report
-from stages.common import load_params, parser, setup
+from stages.common import load_params, parser, run, setup
 
 
 def main(argv=None) -> None:
@@ -19,4 +19,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -76,3 +76,21 @@ def test_embed_upstream_follows_the_input_and_predict_needs():
     assert pipeline.needed(["asr"]) == ["audio", "denoise", "asr"]
     assert pipeline.needed(["faces", "denoise"]) == ["audio", "denoise", "faces"]
     assert pipeline.needed(["prepare"]) == []
+
+
+def test_topology_names_every_dvc_stage_with_its_command():
+    """STAGES is dvc.yaml's stage list, in order: each stage's `python -m` module, the arguments
+    before any others and, for a foreach stage, its params section and the key after them."""
+    dvc = _dvc_stages()
+    assert list(dvc) == list(pipeline.STAGES)
+    for name, spec in dvc.items():
+        entry = pipeline.STAGES[name]
+        words = spec.get("do", spec)["cmd"].split()
+        key = ["${key}"] if entry.foreach else []
+        assert words[:3 + len(entry.args) + len(key)] == [
+            "python", "-m", entry.module, *entry.args, *key], name
+        assert spec.get("foreach") == (f"${{{entry.foreach}}}" if entry.foreach else None), name
+    graph = [*pipeline.MEDIA, pipeline.EVALUATE.name, *(s.split("@")[0] for s in (
+        pipeline.embed("k", "").name, pipeline.probe("k").name, pipeline.train("k", []).name,
+        pipeline.ensemble("k", []).name))]
+    assert set(graph) <= set(pipeline.STAGES)

@@ -1,10 +1,33 @@
-"""The `mer` command outside DVC: metrics table, store inspection, errors as exit codes."""
+"""The `mer` command outside DVC: metrics table, store inspection, errors as exit codes; every
+stage dvc.yaml runs as a `mer` subcommand."""
 import json
+import re
+import runpy
+from pathlib import Path
 
 import numpy as np
+import pytest
+import yaml
 
 from features.storage.store import write_store
+from features.topology import STAGES
 from stages.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """What a stage's setup() sets, undone after the test."""
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(name, "1")
+    monkeypatch.delenv("MER_EMBED_NPROC", raising=False)
+
+
+def _dvc_args(stage: str) -> list[str]:
+    """The arguments dvc.yaml passes to the stage's module, ${...} filled in with `x`."""
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]
+    return [re.sub(r"\$\{[^}]*\}", "x", w) for w in spec.get("do", spec)["cmd"].split()[3:]]
 
 
 def test_metrics_table_sorted_by_weighted_f1(tmp_path, capsys):
@@ -39,3 +62,27 @@ def test_store_inspect_text_and_json(tmp_path, capsys):
     assert main(["store", "inspect", str(path), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["clips"] == 4 and info["meta"]["model"] == "tiny"
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_every_stage_is_a_command_with_help(stage, capsys, offline):
+    with pytest.raises(SystemExit) as done:
+        main([stage, "--help"])
+    assert done.value.code == 0
+    assert "--params" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_a_stage_error_is_one_line_and_exit_1(stage, tmp_path, capsys, monkeypatch, offline):
+    """`mer <stage>` and `python -m stages.<x>` (dvc.yaml's command) through the one wrapper."""
+    monkeypatch.chdir(tmp_path)  # no params.yaml here: every stage stops with a ConfigError
+    entry, args = STAGES[stage], _dvc_args(stage)
+    assert main([stage, *args[len(entry.args):]]) == 1
+    assert capsys.readouterr().err.startswith(f"mer {stage}: error: params.yaml not found")
+    monkeypatch.setattr("sys.argv", ["-m", *args])
+    with pytest.warns(RuntimeWarning, match="found in sys.modules"):  # runpy: already imported
+        with pytest.raises(SystemExit) as done:
+            runpy.run_module(entry.module, run_name="__main__", alter_sys=True)
+    assert done.value.code == 1
+    name = entry.module.split(".")[-1]
+    assert capsys.readouterr().err.startswith(f"{name}: error: params.yaml not found")
