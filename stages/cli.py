@@ -6,6 +6,9 @@
     mer store inspect artifacts/features/hubert
     mer store prune artifacts                    delete clips stores keep after they left the input
     mer store export STORE --format mertools|npz|parquet [--layers last4] [--level utterance] OUT
+    mer store verify PATH... [--json]            check every shard's checksum (exit 1 if damaged)
+    mer asr score --reference CSV [--hypotheses FILE] [--language zh|en|auto] [--json]
+                                                 corpus CER (Chinese) or WER of the transcripts
     mer status [--json]                          clips per stage: done / failed / pending / blocked
     mer predict VIDEO [VIDEO...] [--head H] [--json] [--priors em|FILE]   emotion + class
                                                  probabilities per video
@@ -44,7 +47,7 @@ def _inspect(argv: list[str]) -> None:
     if args.json:
         print(json.dumps(info, indent=1))
         return
-    print(f"{info['path']}: {info['kind']} store, {info['clips']} clips, "
+    print(f"{info['path']}: {info['kind']} store (code {info['code_version']}), {info['clips']} clips, "
           f"{info['bytes'] / 1e6:.1f} MB" + (f", {info['kept']} kept (`mer store prune`)"
                                             if info["kept"] else ""))
     if "pooled" in info:
@@ -201,6 +204,11 @@ def _standins(argv: list[str]) -> None:
         print(f"{name}: {path}")
 
 
+def _verify(argv: list[str]) -> int:
+    from features.storage.verify import main as verify
+    return verify(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     usage = f"usage: mer {{{','.join([*STAGES, *TOOLS])}}} ..."
@@ -212,13 +220,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _command(cmd: str, rest: list[str], usage: str) -> int | None:
+    if cmd == "asr" and rest[:1] == ["score"]:  # a tool under the asr stage's name
+        return importlib.import_module("stages.asr_score").main(rest[1:])
     if cmd in STAGES:
         return _stage(cmd, rest)
     tools = {"predict": _predict, "status": _status, "metrics": _metrics, "report": _report,
              "standins": _standins}
     if cmd in tools:
         return tools[cmd](rest)
-    store = {"inspect": _inspect, "prune": _prune, "export": _export}
+    store = {"inspect": _inspect, "prune": _prune, "export": _export, "verify": _verify}
     if cmd == "store" and rest[:1] and rest[0] in store:
         return store[rest[0]](rest[1:])
     print(f"mer: unknown command {' '.join([cmd, *rest[:1]])!r}\n{usage}", file=sys.stderr)

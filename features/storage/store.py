@@ -587,8 +587,9 @@ class StoreReader:
     def summary(self) -> dict:
         """What a person wants to know about the store (used by `mer store inspect`)."""
         size = sum(sh.path.stat().st_size for sh in self._shards)
-        out = {"path": str(self.path), "kind": self.kind, "clips": len(self.ids), "bytes": size,
-               "shards": len(self._shards), "kept": len(self.kept), "meta": self.meta}
+        out = {"path": str(self.path), "kind": self.kind, "code_version": code_version(self.meta),
+               "clips": len(self.ids), "bytes": size, "shards": len(self._shards),
+               "kept": len(self.kept), "meta": self.meta}
         if self.has_pooled:
             layers, _, dim = self.pooled_shape
             out["pooled"] = {"layers": layers, "dim": dim,
@@ -609,6 +610,15 @@ class StoreReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def code_version(meta: dict) -> str | None:
+    """The source hash of the code that computed a store, whatever its kind: a StoreRecord's
+    `code_version` (encoders, transforms) or the media stages' `code` fingerprint."""
+    if meta.get("code_version"):
+        return meta["code_version"]
+    code = meta.get("code")
+    return code.get("code") if isinstance(code, dict) else None
 
 
 def _py(value):

@@ -58,10 +58,35 @@ def test_store_inspect_text_and_json(tmp_path, capsys):
     path = write_store(tmp_path / "enc", "embedding", {"model": "tiny"}, items)
     assert main(["store", "inspect", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "embedding store, 4 clips" in out and "3 layers x 8 dims, float16" in out
+    assert "embedding store (code None), 4 clips" in out and "3 layers x 8 dims, float16" in out
     assert main(["store", "inspect", str(path), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["clips"] == 4 and info["meta"]["model"] == "tiny"
+
+
+def test_store_inspect_json_has_the_code_version_of_every_kind(tmp_path, capsys, media):
+    """`code_version` sits at the top level for a media store and for a recorded (encoder or
+    transform) store alike: the source hash of the code that computed it."""
+    from features.cache import versions
+    from features.media.manifest import Clip, write_manifest
+    from features.media.ffmpeg import sha256_file
+    from features.media.stages import AudioConfig, extract_audio
+    from features.storage.record import StoreRecord
+
+    video = media["video"]
+    write_manifest(tmp_path / "m.csv", [Clip("v", str(video), video.stat().st_size, sha256_file(video),
+                                             1.0, "", -1, "unlabelled")])
+    audio = extract_audio(tmp_path / "m.csv", AudioConfig(), tmp_path / "audio")
+    meta = StoreRecord(producer="transform", name="x_lora", family="adapt", layers_pooled=(0,),
+                       layers_frames=(), hidden_size=8, store_dtype="float16", fingerprint={},
+                       code_version=versions.code_version("adapt")).to_meta()
+    derived = write_store(tmp_path / "x_lora", "embedding", meta,
+                          [("v", None, None, np.zeros((1, 8), np.float16))])
+    capsys.readouterr()
+    for path, expected in ((audio, versions.code_version("audio")),
+                           (derived, versions.code_version("adapt"))):
+        assert main(["store", "inspect", str(path), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["code_version"] == expected
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
