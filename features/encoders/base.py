@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,10 +23,11 @@ from packaging.version import Version
 from tqdm.auto import tqdm
 
 from features.cache import hashcache
+from features.cache import versions
 from features.cache.versions import ENCODER_WEIGHT_SUFFIXES
 from features.encoders import FAMILIES
 from features.params import resolve_model_path
-from features.encoders.encoder_config import CODE_VERSION, DTYPE_NAMES, EncoderConfig
+from features.encoders.encoder_config import DTYPE_NAMES, EncoderConfig
 from features.encoders.pooling import span_picks, span_pool, spans_to_mask
 from features.errors import ConfigError, ModelLoadError
 
@@ -111,19 +113,28 @@ class Encoder(ABC):
     def fingerprint(self) -> dict:
         """Everything that decides the numbers: a changed value means re-encode."""
         return {
+            # What the model is, never where it lives: its weights' hashes here, its config,
+            # tokenizer and preprocessor files in the stage's `model_files` (no path, no name).
             "family": self.family,
-            "model": self.cfg.model,
             "gguf_file": self.cfg.gguf_file,
-            "resolved_path": self.path,
             "weights": self.weights_hash(),
             # The dtype the model computes in (auto and CPU float16 resolve to a real one).
             "dtype": dtype_name(self.dtype),
             "pooling": self.pooling,
             "layers_frames": list(self.cfg.layers_frames),
             "quantize": quantize_name(self.cfg.quantize),
-            "code_version": CODE_VERSION,
+            "code_version": self.code_version(),
             **self._extra_fingerprint(),
         }
+
+    def code_version(self) -> str:
+        """Source hash of this encoder's own module and what it imports (features.cache.versions):
+        an edit to one family's module changes only that family's stores."""
+        module = type(self).__module__
+        try:
+            return versions.module_version(module)
+        except ModuleNotFoundError:  # a class defined outside the project: hash its file
+            return "file:" + hashlib.sha256(Path(inspect.getfile(type(self))).read_bytes()).hexdigest()[:16]
 
     def weights_hash(self) -> str:
         if self._weights_hash is None:

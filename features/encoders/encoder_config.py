@@ -12,10 +12,6 @@ from dataclasses import dataclass, field, fields
 
 from features.errors import ConfigError
 
-# Bump when a change in features/encoders alters the numbers an encoder returns (part of every
-# fingerprint). 3: chunking and quantize options, vision clips run in frame batches.
-CODE_VERSION = "encoders-3"
-
 POOLINGS = ("mean", "cls", "last")
 DTYPE_NAMES = ("float32", "float16", "bfloat16", "auto")
 STORE_DTYPES = ("float16", "float32")

@@ -29,7 +29,6 @@ from features.errors import ConfigError, ModelLoadError
 
 SIZE = 48  # the package's transforms.Resize(48) + CenterCrop(48)
 CLASSES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")  # the package's order
-CODE_VERSION = "face-cnn-2"  # 2: fc layers before their ReLU
 
 
 def is_face_cnn(path: str) -> bool:
@@ -103,8 +102,7 @@ class FaceCNNEncoder(VisionEncoder):
                                       "_commit_hash": None})()
 
     def _extra_fingerprint(self) -> dict:
-        return {"architecture": "face_cnn", "widths": list(self.model.widths), "input": SIZE,
-                "face_code": CODE_VERSION}
+        return {"architecture": "face_cnn", "widths": list(self.model.widths), "input": SIZE}
 
     def prepare(self, crops: np.ndarray) -> list[Segment]:
         check_crops("?", crops)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from features.cache import versions
 from features.reliability.clips import for_each_clip
 from features.params import as_dict, from_section
 from features.errors import ClipError, ConfigError
@@ -30,7 +31,6 @@ from features.reliability.reports import FailureReport, read_json, write_json_at
 from features.storage.store import clip_key
 
 SR = 16000  # copies carry 16 kHz mono audio: what every audio stage decodes to
-CODE_VERSION = "noisy-copies-1"
 COPIES, MANIFEST, LINEAGE, VIDEOS = "copies.json", "manifest.csv", "lineage.csv", "videos"
 
 
@@ -137,7 +137,7 @@ def make_copies(manifest: str | os.PathLike, name: str, cfg: NoiseConfig,
     source = NoiseSource(cond, clips, cfg.seed, name)
     old = read_json(out / COPIES)["copies"] if (out / COPIES).is_file() else {}
     keys = {c.clip_id: clip_key("noise", c.sha256, as_dict(cond), cfg.seed, source.depends_on(c),
-                                CODE_VERSION) for c in chosen}
+                                versions.fingerprint("noisy_copies")) for c in chosen}
     done = {cid: old[copy_id(cid, name)] for cid, key in keys.items()
             if old.get(copy_id(cid, name), {}).get("key") == key
             and Path(old[copy_id(cid, name)]["path"]).is_file()}

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from features.cache import versions
 from features.encoders import EncoderConfig, load_encoder
 from features.encoders.base import pick_device
 from features.errors import ConfigError
@@ -21,7 +22,7 @@ from features.media.manifest import read_manifest
 from features.reliability.reports import write_json_atomic
 from features.storage.record import StoreRecord
 from features.storage.store import StoreReader, StoreUpdate, clip_key
-from models.adapt.lora import CODE_VERSION, adapt_features, layer_stack, resolve_layers, training_digest
+from models.adapt.lora import adapt_features, layer_stack, resolve_layers, training_digest
 from models.adapt.lora_stage import base_config, base_model, check_base, prefix_index, read_report
 from models.training.train_config import CLASSES
 from models.adapt.joint_llm import JointAudioText, JointConfig
@@ -52,13 +53,13 @@ def joint_store(name: str, cfg: JointConfig, llm_cfg: EncoderConfig, manifest: s
         folds = {cid: clips[cid].fold for cid in labelled}
         keys = {cid: f"{speech.keys[cid]}|{text.keys[cid]}" for cid in ids}
         fp = {"llm": base_fp, "speech": (speech.meta.get("fingerprint") or {}).get("weights")}
-        digest = training_digest(cfg, fp, keys, labels, folds, first, last)
+        digest = training_digest(cfg, fp, keys, labels, folds, first, last, stage="joint")
         wanted = {cid: clip_key("joint", keys[cid], digest) for cid in ids}
         meta = StoreRecord(
             producer="transform", name=name, family="joint", layers_pooled=tuple(range(first, last + 1)),
             layers_frames=(), hidden_size=int(text.pooled_shape[2]), store_dtype="float16",
             fingerprint={**fp, "joint": digest},
-            code_version=CODE_VERSION,  # the adapt code version inside `digest` (training_digest)
+            code_version=versions.code_version("joint"),  # inside `digest` (training_digest)
             extra={"sources": [cfg.speech, cfg.llm], "adapted_layers": list(range(first, last + 1)),
                    "config": dataclasses.asdict(cfg)}).to_meta()
         with StoreUpdate(store_out, "embedding", meta, wanted) as up:

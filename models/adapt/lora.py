@@ -28,12 +28,10 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from features.cache import versions
 from features.errors import ConfigError
 from models.training.cv import class_weights  # also imported from here (tests, benchmarks)
 from models.training.train_config import CLASSES
-
-CODE_VERSION = "adapt-1"
-
 
 @dataclass
 class AdaptConfig:
@@ -394,10 +392,11 @@ def adapt_features(stack: LayerStack, base: nn.Module, first: int, last: int, cf
 
 
 def training_digest(cfg: AdaptConfig, base_fp: dict, keys: dict[str, str], labels: dict[str, int],
-                    folds: dict[str, int], first: int, last: int) -> str:
+                    folds: dict[str, int], first: int, last: int, stage: str = "adapt") -> str:
     """Everything an adapted clip's features depend on: settings, base weights, the prefix
-    states and labels/folds of every training clip (one change retrains every adapter)."""
+    states and labels/folds of every training clip (one change retrains every adapter), and
+    the source of `stage`'s code with the versions of torch, peft and transformers."""
     blob = json.dumps({"cfg": asdict(cfg), "base": base_fp, "first": first, "last": last,
                        "train": sorted((c, keys[c], labels[c], folds[c]) for c in labels),
-                       "code": CODE_VERSION}, sort_keys=True, default=str)
+                       "code": versions.fingerprint(stage)}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()

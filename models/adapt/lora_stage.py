@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from features.cache import versions
 from features.encoders import EncoderConfig, load_encoder
 from features.errors import ConfigError, ModelLoadError
 from features.media.manifest import read_manifest
@@ -23,7 +24,7 @@ from features.reliability.reports import write_json_atomic
 from features.storage.record import StoreRecord
 from features.storage.store import StoreReader, StoreUpdate, clip_key
 from features.encoders.base import pick_device
-from models.adapt.lora import (CODE_VERSION, AdaptConfig, adapt_features, layer_stack, resolve_layers,
+from models.adapt.lora import (AdaptConfig, adapt_features, layer_stack, resolve_layers,
                                training_digest)
 from models.training.train_config import CLASSES
 from models.evaluation.metrics import compute_metrics
@@ -96,7 +97,7 @@ def adapt_store(name: str, cfg: AdaptConfig, enc_cfg: EncoderConfig, manifest: s
             producer="transform", name=name, family="adapt", layers_pooled=tuple(range(first, last + 1)),
             layers_frames=(-1,) if cfg.write_frames else (), hidden_size=int(reader.pooled_shape[2]),
             store_dtype="float16", fingerprint={"base": base_fp, "adapt": digest},
-            code_version=CODE_VERSION,  # the adapt code version inside `digest`
+            code_version=versions.code_version("adapt"),  # inside `digest` with its libraries
             extra={"source": source, "adapted_layers": list(range(first, last + 1)),
                    "prefix_layer": first - 1, "config": dataclasses.asdict(cfg)}).to_meta()
         with StoreUpdate(store_out, "embedding", meta, wanted) as up:

@@ -120,6 +120,7 @@ def fit_with_holdout(visual: np.ndarray, acoustic: np.ndarray, alpha: float,
 def align_store(cfg: AlignConfig, manifest: str | os.PathLike, features_dir: str | os.PathLike,
                 unlabelled_dir: str, out_dir: str | os.PathLike) -> dict:
     """Fit the map on pool + labelled (+ test if transductive) clips, write the aligned store."""
+    from features.cache import versions
     from features.media.manifest import read_manifest
     from features.reliability.reports import write_json_atomic
     from features.storage.record import StoreRecord
@@ -149,8 +150,10 @@ def align_store(cfg: AlignConfig, manifest: str | os.PathLike, features_dir: str
     # One pooled row that is no model layer (row 0). No code version: the keys hold none today.
     meta = StoreRecord(producer="transform", name=cfg.name, family="align", layers_pooled=(0,),
                        layers_frames=(), hidden_size=int(out.shape[1]), store_dtype="float32",
-                       fingerprint={"align": asdict(cfg), "map": digest}, code_version=None).to_meta()
-    wanted = {cid: clip_key("align", src_keys[cid], digest) for cid in ids}
+                       fingerprint={"align": asdict(cfg), "map": digest},
+                       code_version=versions.code_version("align")).to_meta()
+    code = versions.fingerprint("align")  # the map's digest covers its inputs, not this code
+    wanted = {cid: clip_key("align", src_keys[cid], digest, code) for cid in ids}
     with StoreUpdate(Path(out_dir), "embedding", meta, wanted) as up:
         todo = set(up.todo)
         for i, cid in enumerate(ids):

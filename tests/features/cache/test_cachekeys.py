@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from test_fingerprints import _bert
 
+import features.cache.keys
 import features.encoders
+from features.cache import versions
 import features.audio.stages
 from features.audio.denoise import DenoiseConfig
 from features.embedding.stage import embed_store
@@ -74,8 +76,11 @@ def test_changed_sources_load_again(text_setup, monkeypatch, change):
         shutil.copy(other / "model.safetensors", Path(cfg.model) / "model.safetensors")
     elif change == "setting":
         cfg = EncoderConfig(**{**vars(cfg), "pooling": "cls"})
-    else:  # the code that computes the fingerprint changed
-        monkeypatch.setattr(features.embedding.stage, "CODE_VERSION", "encoders-test")
+    else:  # the code that computes the fingerprint changed (an edit to the text encoder's module)
+        real = features.cache.keys.sha256_file
+        text_module = str(versions.module_file("features.encoders.text"))
+        monkeypatch.setattr(features.cache.keys, "sha256_file",
+                            lambda p: "edited" if str(p) == text_module else real(p))
     _no_loading(monkeypatch)
     with pytest.raises(AssertionError, match="a model was loaded"):
         embed_store("t", cfg, src, out)

@@ -17,15 +17,20 @@ def tree(tmp_path, monkeypatch):
     for pkg in versions.PROJECT:
         shutil.copytree(versions.ROOT / pkg, root / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.setattr(versions, "ROOT", root)
-    versions.code_version.cache_clear()
+    _clear()
     yield root
+    _clear()
+
+
+def _clear():
     versions.code_version.cache_clear()
+    versions.module_version.cache_clear()
 
 
 def _edit(root, module, text="\n# edited\n"):
     path = root / (module.replace(".", "/") + ".py")
     path.write_text(path.read_text() + text)
-    versions.code_version.cache_clear()
+    _clear()
 
 
 def _all():
@@ -39,7 +44,7 @@ def test_an_edit_changes_the_stages_it_computes_and_no_other(tree):
     assert {s for s in before if before[s] != after[s]} == {"faces"}
     _edit(tree, "features.media.ffmpeg")
     changed = {s for s, v in _all().items() if v != after[s]}
-    assert changed == {"audio", "asr", "faces"}  # asr and faces import media too
+    assert changed == {"audio", "asr", "faces", "noisy_copies"}  # they decode with it too
     _edit(tree, "features.encoders.pooling")
     assert versions.code_version("embed") != after["embed"]
     frozen = _all()
@@ -99,3 +104,59 @@ def test_torch_floor_excludes_bypassable_weights_only():
     torch_req = next(Requirement(d) for d in deps if Requirement(d).name == "torch")
     assert "2.5.1" not in torch_req.specifier and "2.6.0" in torch_req.specifier
     assert torch.__version__.split("+")[0] in torch_req.specifier
+
+
+FAMILIES = ("speech", "vision", "text", "whisper", "face_cnn")
+
+
+def _families():
+    return {f: versions.module_version(f"features.encoders.{f}") for f in FAMILIES}
+
+
+def test_an_encoder_family_edit_changes_only_that_familys_code_version(tree):
+    stages, families = _all(), _families()
+    _edit(tree, "features.encoders.whisper")
+    assert {f for f, v in _families().items() if v != families[f]} == {"whisper"}
+    assert _all() == stages  # no media stage, not the embed stage's shared code, no transform
+    _edit(tree, "features.encoders.vision")  # the face CNN is a vision-family class
+    assert {f for f, v in _families().items() if v != families[f]} == {"whisper", "vision", "face_cnn"}
+    families = _families()
+    _edit(tree, "features.encoders.base")  # shared by every family
+    assert all(v != families[f] for f, v in _families().items())
+
+
+def test_a_transform_edit_changes_only_the_transforms_that_run_it(tree):
+    before = _all()
+    _edit(tree, "models.adapt.lora")  # the LoRA trainer: adapt@ and joint@ (which reuses it)
+    assert {s for s, v in _all().items() if v != before[s]} == {"adapt", "joint"}
+    before = _all()
+    _edit(tree, "models.unlabelled.align")
+    assert {s for s, v in _all().items() if v != before[s]} == {"align"}
+    before = _all()
+    _edit(tree, "features.noise.copies")
+    assert {s for s, v in _all().items() if v != before[s]} == {"noisy_copies"}
+
+
+def test_an_asr_edit_leaves_audio_denoise_and_faces_alone(tree):
+    before = _all()
+    _edit(tree, "features.audio.asr")
+    assert {s for s, v in _all().items() if v != before[s]} == {"asr"}
+    before = _all()
+    _edit(tree, "features.audio.denoise")
+    assert {s for s, v in _all().items() if v != before[s]} == {"denoise"}
+
+
+def test_derived_stores_record_their_libraries():
+    for stage in ("adapt", "joint"):
+        assert {"torch", "peft", "transformers"} <= set(versions.fingerprint(stage)["packages"])
+    assert "ffmpeg" in versions.fingerprint("noisy_copies")
+
+
+@pytest.mark.parametrize("junk", ["__pycache__/__init__.cpython-311.pyc", "__init__.pyc", ".DS_Store",
+                                  "config.json.swp", "config.json~", "Thumbs.db", ".git/HEAD"])
+def test_model_files_leave_out_caches_editor_and_os_files(tmp_path, junk):
+    (tmp_path / "config.json").write_text("{}")
+    clean = versions.model_files(tmp_path)
+    (tmp_path / junk).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / junk).write_bytes(b"x")
+    assert versions.model_files(tmp_path) == clean == {"config.json": clean["config.json"]}

@@ -16,7 +16,8 @@ import torch  # noqa: E402
 import features.encoders  # noqa: E402
 from features import testing  # noqa: E402
 from features.embedding.stage import embed_store  # noqa: E402
-from features.encoders import CODE_VERSION, EncoderConfig  # noqa: E402
+from features.cache import versions  # noqa: E402
+from features.encoders import EncoderConfig  # noqa: E402
 from features.media.manifest import Clip, write_manifest  # noqa: E402
 from features.reliability.reports import write_json_atomic  # noqa: E402
 from features.storage.record import RecordError, StoreRecord  # noqa: E402
@@ -102,7 +103,7 @@ def test_embed_store_meta_is_an_encoder_record(project):
     root, _ = project
     rec, meta, (layers, clips, dim) = _read(root / "features/llm")
     assert (rec.producer, rec.name, rec.family) == ("encoder", "llm", "text")
-    assert rec.code_version == CODE_VERSION == meta["fingerprint"]["code_version"]
+    assert rec.code_version == versions.module_version("features.encoders.text") == meta["fingerprint"]["code_version"]
     assert rec.layers_pooled == tuple(range(layers)) and rec.hidden_size == dim == 32
     assert rec.layers_frames == (0,) and meta["sources"].startswith("src:") and clips == N
 
@@ -136,7 +137,7 @@ def test_adapt_store_meta_is_a_transform_record(project):
                 root / "adapt/llm_lora")
     rec, meta, (layers, clips, _) = _read(root / "features/llm_lora")
     assert (rec.producer, rec.name, rec.family) == ("transform", "llm_lora", "adapt")
-    assert rec.code_version == lora.CODE_VERSION and set(rec.fingerprint) == {"base", "adapt"}
+    assert rec.code_version == versions.code_version("adapt") and set(rec.fingerprint) == {"base", "adapt"}
     assert rec.layers_pooled == (1, 2) == tuple(meta["adapted_layers"]) and layers == 2
     assert meta["source"] == "llm" and meta["prefix_layer"] == 0 and clips == N
 
@@ -148,7 +149,7 @@ def test_joint_store_meta_is_a_transform_record(project):
     joint_store("joint", cfg, llm_cfg, root / "manifest.csv", root / "features", root / "joint")
     rec, meta, (layers, clips, _) = _read(root / "features/joint")
     assert (rec.producer, rec.name, rec.family) == ("transform", "joint", "joint")
-    assert rec.code_version == lora.CODE_VERSION and set(rec.fingerprint) == {"llm", "speech", "joint"}
+    assert rec.code_version == versions.code_version("joint") and set(rec.fingerprint) == {"llm", "speech", "joint"}
     assert rec.layers_pooled == (1, 2) and layers == 2 and clips == N
     assert meta["sources"] == ["speech", "llm"] and meta["layers_frames"] == []
 
@@ -160,6 +161,6 @@ def test_aligned_store_meta_is_a_transform_record(project):
                 root / "features/aligned")
     rec, meta, (layers, clips, dim) = _read(root / "features/aligned")
     assert (rec.producer, rec.name, rec.family) == ("transform", "aligned", "align")
-    assert "code_version" in meta and rec.code_version is None  # align's keys carry no code version
+    assert rec.code_version == versions.code_version("align")  # in its clip keys too
     assert rec.layers_pooled == (0,) and meta["num_layers"] == layers == 1
     assert rec.hidden_size == dim == 8 and clips == N
