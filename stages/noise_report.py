@@ -1,4 +1,4 @@
-"""DVC stage `noise_report`: weighted F1 and WER against SNR over every noise condition
+"""DVC stage `noise_report`: weighted F1 and ASR error rate (CER on Chinese, WER otherwise) against SNR over every noise condition
 (results/noise/metrics.json, plot rows and PNG charts)."""
 from features.params import from_section
 from features.noise.copies import NoiseConfig
@@ -15,7 +15,7 @@ def main(argv=None) -> None:
     cfg = from_section(NoiseConfig, load_params("noise", args.params), "noise")
     metrics = report(args.scores, list(cfg.conditions), args.out)
     for cond, m in metrics.items():
-        print(f"{cond:<14} snr {m['snr_db']}  wer {m['wer']}")
+        print(f"{cond:<14} snr {m['snr_db']}  {m['wer_unit']} {m['wer']}")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from typing import Mapping
 
 import numpy as np
 
+from features.audio.error_rate import UNIT_NAMES, UNITS, unit_for
 from features.audio.asr import (AsrConfig, Hypothesis, load_backend, load_transcripts_csv, select_hypothesis,
                           transcribe_scored, wer)
 from features.audio.asr_enhance import rewrite_all
@@ -64,12 +65,15 @@ def run_condition(name: str, cfg: NoiseConfig, params: Mapping, manifest: str | 
     variants = {b: b for b in backends} | {v: _backend_of(v) for v in texts if v not in backends}
     views = {v: _embed_variant(copies, v, b, encoders, params, {"audio": audio, "faces": faces},
                                backends, texts, work) for v, b in variants.items()}
-    refs = load_transcripts_csv(cfg.reference) if cfg.reference else {}
+    language = params.get("asr", {}).get("language", "en")
+    refs = load_transcripts_csv(cfg.reference, language, key="noise.reference") if cfg.reference else {}
     lineage = read_lineage(work / "copies/lineage.csv")
     result = {"condition": name, "snr_db": cond.nominal_snr() if cond.noise != "none" else None,
               "noise": cond.noise, "clips": len(clips), "recipe": as_dict(cond),
               "wf1": _score(heads, views, clips, Path(heads_dir), lineage),
-              "wer": _wers(texts, refs, lineage)}
+              "wer": _wers(texts, refs, lineage),
+              # cer on Chinese references, wer on space-delimited ones: the unit of "wer" values
+              "wer_unit": unit_for(refs.values(), language if language in UNITS else "auto") if refs else None}
     write_json_atomic(out / SCORES, result)
     return result
 
@@ -271,17 +275,18 @@ def report(scores_dir: str | os.PathLike, conditions: list[str], out_dir: str | 
     scores = {c: read_json(Path(scores_dir) / c / SCORES) for c in conditions}
     metrics = {c: {"snr_db": s["snr_db"], "noise": s["noise"], "clips": s["clips"],
                    "wf1": {h: {v: r["wf1"] for v, r in vs.items()} for h, vs in s["wf1"].items()},
-                   "wer": s["wer"]} for c, s in scores.items()}
+                   "wer": s["wer"], "wer_unit": s.get("wer_unit") or "wer"} for c, s in scores.items()}
     x = {c: CLEAN_PLOT_DB if m["snr_db"] is None else m["snr_db"] for c, m in metrics.items()}
     f1_rows = [{"snr_db": x[c], "condition": c, "series": f"{h}/{v}", "wf1": f}
                for c, m in metrics.items() for h, vs in m["wf1"].items() for v, f in vs.items()]
-    wer_rows = [{"snr_db": x[c], "condition": c, "series": v, "wer": w}
+    wer_rows = [{"snr_db": x[c], "condition": c, "series": v, "wer": w, "unit": m["wer_unit"]}
                 for c, m in metrics.items() for v, w in m["wer"].items()]
     write_json_atomic(out / "metrics.json", metrics)
     write_json_atomic(out / "wf1.json", sorted(f1_rows, key=lambda r: (r["series"], r["snr_db"])))
     write_json_atomic(out / "wer.json", sorted(wer_rows, key=lambda r: (r["series"], r["snr_db"])))
     _plot(f1_rows, "wf1", "weighted F1", out / "wf1_vs_snr.png")
-    _plot(wer_rows, "wer", "word error rate", out / "wer_vs_snr.png")
+    units = sorted({m["wer_unit"] for m in metrics.values()}) or ["wer"]
+    _plot(wer_rows, "wer", " / ".join(UNIT_NAMES[u] for u in units), out / "wer_vs_snr.png")
     return metrics
 
 

@@ -216,6 +216,23 @@ def test_report_gathers_conditions_into_metrics_and_plot_rows(tmp_path):
         ("attention/deepfilternet", CLEAN_PLOT_DB, 0.5), ("attention/deepfilternet", 0.0, 0.3)}
     assert (tmp_path / "out/wf1_vs_snr.png").stat().st_size > 1000
     assert len(json.loads((tmp_path / "out/wer.json").read_text())) == 4
+    assert metrics["b0"]["wer_unit"] == "wer"  # scores without a unit are English word error rates
+
+
+def test_report_names_the_error_rate_unit_of_chinese_references(tmp_path):
+    from models.noise.evaluation import report
+    from features.reliability.reports import write_json_atomic
+
+    write_json_atomic(tmp_path / "s/b0/scores.json", {"snr_db": 0.0, "noise": "babble", "clips": 2,
+                                                      "wf1": {}, "wer": {"none": 0.25}, "wer_unit": "cer"})
+    metrics = report(tmp_path / "s", ["b0"], tmp_path / "out")
+    assert metrics["b0"]["wer_unit"] == "cer"
+    assert json.loads((tmp_path / "out/wer.json").read_text())[0]["unit"] == "cer"
+
+
+def test_condition_scores_chinese_references_in_characters():
+    from features.audio.error_rate import unit_for
+    assert unit_for(["我今天很高兴"], "zh") == "cer" and unit_for(["call me now"], "en") == "wer"
 
 
 def test_wer_of_copies_is_scored_against_their_source_clip(tmp_path):
