@@ -21,7 +21,6 @@ $(VENV)/.installed: pyproject.toml requirements-models.txt
 	touch $@
 
 demo: setup
-	mer standins artifacts/standins
 	dvc repro
 	mer metrics
 

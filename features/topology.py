@@ -28,6 +28,7 @@ class Entry:
 
 # every stage of dvc.yaml, in its order
 STAGES = {e.name: e for e in (
+    Entry("standins", "stages.standins"),  # the demo's random-weight encoders, shared like stores
     Entry("prepare", "stages.prepare"),
     Entry("audio", "stages.audio"),
     Entry("denoise", "stages.denoise"),

@@ -2,7 +2,6 @@
 
     mer prepare --out artifacts/prepare          any stage dvc.yaml runs, with its arguments
                                                  (stages in features/topology.py; mer STAGE --help)
-    mer standins artifacts/standins              build the random-weight demo stand-ins
     mer store inspect artifacts/features/hubert
     mer store prune artifacts                    delete clips stores keep after they left the input
     mer store export STORE --format mertools|npz|parquet [--layers last4] [--level utterance] OUT
@@ -27,7 +26,7 @@ from features.media.manifest import CLASSES
 from features.topology import EVALUATE, HEADS, STAGES
 from stages.common import guard
 
-TOOLS = ("standins", "store", "status", "predict", "metrics", "report")
+TOOLS = ("store", "status", "predict", "metrics", "report")
 
 
 def _stage(name: str, argv: list[str]) -> None:
@@ -193,17 +192,6 @@ def _report(argv: list[str]) -> None:
     print(markdown(rows(data), args.param, args.metric))
 
 
-def _standins(argv: list[str]) -> None:
-    from features.encoders.standins import build_standins
-    p = argparse.ArgumentParser(prog="mer standins",
-                                description="Build random-weight HuBERT/CLIP stand-ins for the demo.")
-    p.add_argument("out_dir", nargs="?", default="artifacts/standins")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    for name, path in build_standins(args.out_dir, seed=args.seed).items():
-        print(f"{name}: {path}")
-
-
 def _verify(argv: list[str]) -> int:
     from features.storage.verify import main as verify
     return verify(argv)
@@ -224,8 +212,7 @@ def _command(cmd: str, rest: list[str], usage: str) -> int | None:
         return importlib.import_module("stages.asr_score").main(rest[1:])
     if cmd in STAGES:
         return _stage(cmd, rest)
-    tools = {"predict": _predict, "status": _status, "metrics": _metrics, "report": _report,
-             "standins": _standins}
+    tools = {"predict": _predict, "status": _status, "metrics": _metrics, "report": _report}
     if cmd in tools:
         return tools[cmd](rest)
     store = {"inspect": _inspect, "prune": _prune, "export": _export, "verify": _verify}

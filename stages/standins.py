@@ -1,0 +1,19 @@
+"""DVC stage `standins`: the demo's random-weight HuBERT and CLIP stand-ins, built from their
+configs with a fixed seed (no hub access needed). A stage, so `dvc pull` brings them to a
+teammate and `dvc repro` never needs a step outside DVC."""
+from features.encoders.standins import build_standins
+from stages.common import parser, run, setup
+
+
+def main(argv=None) -> None:
+    p = parser(__doc__)
+    p.add_argument("out_dir", nargs="?", default="artifacts/standins", help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    setup()
+    for name, path in build_standins(args.out_dir, seed=args.seed).items():
+        print(f"{name}: {path}")
+
+
+if __name__ == "__main__":
+    run(main)
