@@ -28,14 +28,15 @@ def _video(path: Path, tone_hz: int, seconds: float = 1.0) -> None:
         check=True)
 
 
-def _tiny_params(models: dict) -> dict:
+def _tiny_params() -> dict:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["prepare"].update(videos="data/video", labels="data/labels.csv",
                              unlabelled="data/unlabelled", folds=2)
     params["denoise"]["backend"] = "none"
     params["faces"].update(fps=2.0, size=32, max_frames=2)
     params["embed"]["encoders"] = {
-        "hubert": {**params["embed"]["encoders"]["hubert"], "model": models["hubert-standin"]},
+        # the standins stage's relative folder: each checkout resolves it to its own path
+        "hubert": {**params["embed"]["encoders"]["hubert"], "layers_frames": [3, -1]},
         "minilm": params["embed"]["encoders"]["minilm"],
     }
     params["train"]["heads"] = {
@@ -48,9 +49,11 @@ def _tiny_params(models: dict) -> dict:
     params["semi"].update(heads=["probe_hubert", "attention"],
                           rounds={"r1": {"after": "base", "default_threshold": 0.2, "caps": 1}})
     params["priors"].update(heads=["attention", "vote"])
-    # adapt@/joint@ need frames of encoders this project leaves out (tests/models/adapt/test_adapt.py and
-    # tests/models/adapt/test_joint_llm.py run them); noise@ is tested in tests/features/noise/test_noise.py
-    params["adapt"], params["joint"] = {}, {}
+    # joint@ needs an LLM this project leaves out (tests/models/adapt/test_joint_llm.py runs it);
+    # noise@ is tested in tests/features/noise/test_noise.py
+    params["adapt"] = {"hubert_lora": {"encoder": "hubert", "layers": [4], "rank": 2, "alpha": 4,
+                                       "epochs": 1, "batch_size": 4, "max_frames": 16, "seed": 0}}
+    params["joint"] = {}
     params["noise"]["conditions"] = {}
     return params
 
@@ -58,8 +61,6 @@ def _tiny_params(models: dict) -> dict:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """A fresh git+DVC project holding this repo's code and dvc.yaml, and 14 tiny clips."""
-    from features.encoders.standins import build_standins
-
     proj = tmp_path_factory.mktemp("proj")
     for name in ("features", "models", "stages"):
         shutil.copytree(ROOT / name, proj / name, ignore=shutil.ignore_patterns("__pycache__"))
@@ -80,9 +81,7 @@ def project(tmp_path_factory):
         _video(proj / "data/unlabelled" / f"unlab_{i}.mp4", 300)
     with open(proj / "data/labels.csv", "w", newline="") as fh:
         csv.writer(fh).writerows([("name", "discrete"), *rows])
-    models = build_standins(proj / "standins", seed=0)
-    (proj / "params.yaml").write_text(yaml.safe_dump(_tiny_params(
-        {k: str(v) for k, v in models.items()})))
+    (proj / "params.yaml").write_text(yaml.safe_dump(_tiny_params()))
     env = _env()
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"],
                 ["dvc", "config", "core.analytics", "false"]):
@@ -108,7 +107,8 @@ def _ran(log: str) -> set[str]:
 
 def test_repro_builds_everything_then_noop_then_only_what_changed(project):
     first = _ran(_repro(project))
-    assert {"prepare", "audio", "denoise", "asr", "faces", "embed@hubert", "embed@minilm",
+    assert {"standins", "prepare", "audio", "denoise", "asr", "faces", "embed@hubert", "embed@minilm",
+            "adapt@hubert_lora",
             "train@probe_hubert", "train@attention", "probe@hubert", "probe@minilm",
             "ensemble@vote", "evaluate", "align", "priors", "semi_base", "semi@r1",
             "semi_report"} <= first
@@ -118,7 +118,7 @@ def test_repro_builds_everything_then_noop_then_only_what_changed(project):
         assert 15000 < len(s.get("clip_00")) < 17000  # 1 s at 16 kHz
     with StoreReader(project / "artifacts/features/hubert", kind="embedding") as s:
         layers, n, dim = s.pooled_shape
-        assert n == 14 and layers == s.meta["num_layers"] and s.get("clip_00").shape[0] == 1
+        assert n == 14 and layers == s.meta["num_layers"] and s.get("clip_00").shape[0] == 2
     metrics = json.loads((project / "results/metrics.json").read_text())
     assert set(metrics["heads"]) == {"probe_hubert", "attention", "vote"}
     assert metrics["ensembles"] == ["vote"]
@@ -128,24 +128,28 @@ def test_repro_builds_everything_then_noop_then_only_what_changed(project):
     assert _ran(_repro(project)) == set()  # nothing changed: nothing runs
 
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["embed"]["encoders"]["hubert"]["layers_frames"] = [0, -1]
+    params["embed"]["encoders"]["hubert"]["layers_frames"] = [0, 3, -1]
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     rerun = _ran(_repro(project))
     assert "embed@hubert" in rerun
     assert not rerun & {"prepare", "audio", "denoise", "asr", "faces", "embed@minilm"}
     with StoreReader(project / "artifacts/features/hubert") as s:
-        assert s.get("clip_00").shape[0] == 2
+        assert s.get("clip_00").shape[0] == 3
+
+
+ONE_NEW_CLIP = ("[audio] 15 clips: 14 cached, 1 to compute",
+                "[faces] 15 clips: 14 cached, 1 to compute",
+                "[denoise[none]] 15 clips: 14 cached, 1 to compute",
+                "[asr] 15 clips: 14 cached or given, 1 to transcribe",
+                "[embed hubert] 15 clips: 14 cached, 1 to encode",
+                "[embed minilm] 15 clips: 14 cached, 1 to encode",
+                "[adapt hubert_lora] 15 clips (12 labelled): 14 cached, 1 to write")
 
 
 def test_adding_a_clip_computes_only_that_clip(project):
     _video(project / "data/unlabelled" / "unlab_new.mp4", 440)
     log = _repro(project)
-    for line in ("[audio] 15 clips: 14 cached, 1 to compute",
-                 "[faces] 15 clips: 14 cached, 1 to compute",
-                 "[denoise[none]] 15 clips: 14 cached, 1 to compute",
-                 "[asr] 15 clips: 14 cached or given, 1 to transcribe",
-                 "[embed hubert] 15 clips: 14 cached, 1 to encode",
-                 "[embed minilm] 15 clips: 14 cached, 1 to encode"):
+    for line in ONE_NEW_CLIP:
         assert line in log, log[-4000:]
     with StoreReader(project / "artifacts/features/minilm") as s:
         assert len(s) == 15 and "unlab_new" in s
@@ -207,6 +211,23 @@ def test_teammate_pulls_from_a_folder_remote_and_runs_nothing(project, tmp_path)
     _share(project, str(tmp_path / "remote"))
     _teammate_gets_everything(project, tmp_path / "mate_pull", ["dvc", "pull"])
     _teammate_gets_everything(project, tmp_path / "mate_repro", ["dvc", "repro", "--pull"])
+
+
+def test_teammate_in_another_folder_adds_a_clip_and_computes_only_it(project, tmp_path):
+    """The team case: a clone in another folder (its own resolved model paths) pulls the stores,
+    adds one clip, and every per-clip stage, the LoRA store included, computes that clip only."""
+    _share(project, str(tmp_path / "remote"))
+    clone = tmp_path / "elsewhere" / "deeper" / "mate"
+    clone.parent.mkdir(parents=True)
+    _run(["git", "clone", "-q", str(project), str(clone)], project.parent)
+    _run(["dvc", "pull"], clone)
+    _video(clone / "data/unlabelled" / "unlab_mate.mp4", 470)
+    log = _run(["dvc", "repro"], clone)
+    assert "standins" not in _ran(log)  # pulled, never rebuilt
+    for line in ONE_NEW_CLIP:
+        assert line in log, log[-4000:]
+    with StoreReader(clone / "artifacts/features/hubert") as s:
+        assert len(s) == 15 and "unlab_mate" in s
 
 
 @pytest.fixture
