@@ -51,7 +51,7 @@ def _tiny_params() -> dict:
     params["priors"].update(heads=["attention", "vote"])
     # joint@ needs an LLM this project leaves out (tests/models/adapt/test_joint_llm.py runs it);
     # noise@ is tested in tests/features/noise/test_noise.py
-    params["adapt"] = {"hubert_lora": {"encoder": "hubert", "layers": [4], "rank": 2, "alpha": 4,
+    params["adapt"] = {"hubert_lora": {"encoder": "hubert", "layers": [4, 4], "rank": 2, "alpha": 4,
                                        "epochs": 1, "batch_size": 4, "max_frames": 16, "seed": 0}}
     params["joint"] = {}
     params["noise"]["conditions"] = {}
