@@ -32,8 +32,8 @@ try:  # transformers 5 without torchvision: the PIL backend (only its config is 
 except ImportError:
     from transformers import CLIPImageProcessor
 
-# Bump when a stand-in's architecture or build changes, so old folders are rebuilt.
-STANDIN_VERSION = 1
+from features.cache import versions  # noqa: E402
+
 MARKER = "standin.json"
 
 
@@ -95,7 +95,9 @@ def build_standins(out_dir: str | Path, seed: int = 0) -> dict[str, str]:
     paths = {}
     for name, build in STANDINS.items():
         folder = out_dir / name
-        marker = {"name": name, "seed": seed, "version": STANDIN_VERSION, "random_weights": True}
+        # the builder's source hash, not a hand-bumped number: any edit rebuilds
+        marker = {"name": name, "seed": seed, "version": versions.module_version(__name__),
+                  "random_weights": True}
         if not _matches(folder, marker):
             _build(folder, build, seed, marker)
         paths[name] = str(folder)

@@ -26,7 +26,7 @@ import torch
 from transformers import WhisperConfig, WhisperFeatureExtractor
 from transformers.models.whisper.modeling_whisper import WhisperEncoder as HFWhisperEncoder
 
-from features.cache import hashcache
+from features.cache import hashcache, versions
 from features.encoders.base import (
     Encoder,
     HostBatch,
@@ -41,7 +41,6 @@ from features.errors import ClipError, ModelLoadError
 SAMPLE_RATE = 16_000
 WINDOW_SAMPLES = 30 * SAMPLE_RATE  # Whisper's fixed input window
 SAMPLES_PER_FRAME = 320  # mel hop 160 x conv2 stride 2
-CONVERTER_VERSION = "ct2-whisper-1"  # bump when conversion changes the numbers
 CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}
 
 
@@ -164,7 +163,7 @@ def convert_ct2(folder: str | os.PathLike, out: str | os.PathLike) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     model.save_pretrained(tmp, safe_serialization=True)
     WhisperFeatureExtractor(feature_size=config.num_mel_bins).save_pretrained(tmp)
-    (tmp / "converted_from.json").write_text(json.dumps({"source": str(folder), "converter": CONVERTER_VERSION}))
+    (tmp / "converted_from.json").write_text(json.dumps({"source": str(folder), "converter": _converter_version()}))
     try:
         os.replace(tmp, out)  # atomic: a concurrent converter loses the race harmlessly
     except OSError:
@@ -173,10 +172,16 @@ def convert_ct2(folder: str | os.PathLike, out: str | os.PathLike) -> Path:
     return out
 
 
+def _converter_version() -> str:
+    """This module's source hash: an edit to the converter never reuses an old conversion (the
+    fingerprint's code_version covers the same source)."""
+    return versions.module_version(__name__)[:12]
+
+
 def converted_folder(folder: str, digest: str) -> Path:
     """The cached transformers folder for CTranslate2 `folder` (converted on first use)."""
     base = hashcache.cache_dir() or Path(tempfile.gettempdir()) / "mer-cache"
-    out = base / "converted" / f"whisper-{digest.split(':')[-1][:16]}-{CONVERTER_VERSION}"
+    out = base / "converted" / f"whisper-{digest.split(':')[-1][:16]}-{_converter_version()}"
     if not (out / "config.json").is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         convert_ct2(folder, out)
@@ -209,7 +214,7 @@ class WhisperEncoder(Encoder):
 
     def _extra_fingerprint(self) -> dict:
         return {"architecture": "whisper", "max_seconds": self.cfg.max_seconds,
-                "converter": CONVERTER_VERSION if self.ct2 else "", "window_samples": WINDOW_SAMPLES}
+                "converter": "ct2" if self.ct2 else "", "window_samples": WINDOW_SAMPLES}
 
     def prepare(self, wave: np.ndarray) -> list[Segment]:
         wave = np.asarray(wave, dtype=np.float32).reshape(-1)[: int(self.cfg.max_seconds * SAMPLE_RATE)]
