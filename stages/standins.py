@@ -1,17 +1,26 @@
 """DVC stage `standins`: the demo's random-weight HuBERT and CLIP stand-ins, built from their
 configs with a fixed seed (no hub access needed). A stage, so `dvc pull` brings them to a
 teammate and `dvc repro` never needs a step outside DVC."""
+from dataclasses import dataclass
+
 from features.encoders.standins import build_standins
-from stages.common import parser, run, setup
+from features.params import from_section
+from stages.common import load_params, parser, run, setup
+
+
+@dataclass
+class StandinsConfig:
+    """params.yaml `standins`."""
+    seed: int = 0  # torch seed of the random weights
 
 
 def main(argv=None) -> None:
     p = parser(__doc__)
     p.add_argument("out_dir", nargs="?", default="artifacts/standins", help="output folder")
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     setup()
-    for name, path in build_standins(args.out_dir, seed=args.seed).items():
+    cfg = from_section(StandinsConfig, load_params("standins", args.params), "standins")
+    for name, path in build_standins(args.out_dir, seed=cfg.seed).items():
         print(f"{name}: {path}")
 
 
