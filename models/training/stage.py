@@ -106,7 +106,8 @@ def _extra_rows(head, cfg, features: FeatureSet, plans, extra: ExtraClips | None
         return None
     from models.heads.layer_select import read_inputs
 
-    missing = [c for c in extra.ids if c not in set(features.common_ids(cfg.features, extra.ids))]
+    common = set(features.common_ids(cfg.features, extra.ids))  # once: not once per clip
+    missing = [c for c in extra.ids if c not in common]
     if missing:
         raise KeyError(f"extra clips {missing[:3]} are not in every store of {cfg.features}.")
     x, _ = read_inputs(head, cfg, features, extra.ids, plans)
