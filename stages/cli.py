@@ -204,7 +204,11 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__.strip() + "\n\n" + usage)
         return 0
     cmd, rest = argv[0], argv[1:]
-    return guard(lambda: _command(cmd, rest, usage), f"mer {cmd}")
+    try:
+        return guard(lambda: _command(cmd, rest, usage), f"mer {cmd}")
+    except BrokenPipeError:  # `mer metrics | head`: the reader left, nothing to report
+        sys.stderr.close()
+        return 0
 
 
 def _command(cmd: str, rest: list[str], usage: str) -> int | None:
