@@ -19,6 +19,8 @@ def main(argv=None) -> None:
     unlabelled = load_params("prepare", args.params).get("unlabelled", "")
     info = run_round(args.round, cfg, train_cfg, args.manifest, args.features, args.probe,
                      args.out, args.after or None, unlabelled)
+    if not info["metrics"]:
+        return  # nothing to do: run_round said so in one line
     scores = ", ".join(f"{h} {m['weighted_f1']:.4f}" for h, m in info["metrics"].items())
     print(f"[semi {args.round}] {info['mode']}; gained per class (mean over folds) "
           f"{info['gain']}; out-of-fold weighted F1 on human labels: {scores}")

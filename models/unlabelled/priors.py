@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -235,7 +236,9 @@ def correct_predictions(cfg: PriorsConfig, scored: Mapping[str, Path], clips: li
     """`priors` stage: for each of `cfg.heads` (a name -> predictions.csv of heads and
     ensembles), estimate or read the target priors and write the corrected
     `<out_dir>/<name>/predictions.csv` (labelled rows unchanged: they are the out-of-fold
-    scores) and the report (estimated priors; default `<out_dir>/priors.json`)."""
+    scores) and the report (estimated priors; default `<out_dir>/priors.json`). A head with no
+    target clips (no unlabelled clips at all, say) has nothing to correct: one line says so, the
+    report gives it `clips: 0` and no predictions.csv is written for it."""
     from features.reliability.reports import write_json_atomic
     from models.training.bundles import read_predictions, write_predictions
     from models.unlabelled.selection import target_groups
@@ -250,6 +253,7 @@ def correct_predictions(cfg: PriorsConfig, scored: Mapping[str, Path], clips: li
              for c, p, t in zip(clips, pool, test)}
     report: dict = {"method": cfg.method, "target": cfg.target}
     given = read_priors(cfg.file) if cfg.method == "file" else None
+    idle = []
     for name in cfg.heads if cfg.method != "none" else []:
         rows = read_predictions(scored[name])
         probs = np.array([[float(r[c]) for c in CLASSES] for r in rows]).reshape(-1, len(CLASSES))
@@ -258,9 +262,10 @@ def correct_predictions(cfg: PriorsConfig, scored: Mapping[str, Path], clips: li
         tgt = [i for i in other if cfg.target == "all" or group.get(rows[i]["clip_id"]) ==
                cfg.target]
         if not tgt:
-            raise ConfigError(f"priors.target={cfg.target!r}: {name} has no such clips (test = "
-                              f"unlabelled videos beside the labelled ones, pool = "
-                              f"prepare.unlabelled); choose another priors.target.")
+            idle.append(name)
+            report[name] = {"clips": 0}
+            (out / name / "predictions.csv").unlink(missing_ok=True)  # no stale correction
+            continue
         y = np.array([CLASSES.index(rows[i]["label"]) for i in lab], dtype=np.int64)
         probs[tgt], info = _correct(cfg, probs[lab], y, probs[tgt], given)
         (out / name).mkdir(parents=True, exist_ok=True)
@@ -268,9 +273,22 @@ def correct_predictions(cfg: PriorsConfig, scored: Mapping[str, Path], clips: li
                           probs[lab], np.array([int(rows[i]["fold"]) for i in lab]),
                           [_Row(rows[i]) for i in other], probs[other])
         report[name] = {**info, "clips": len(tgt)}
+    if idle:
+        print(nothing_to_correct(cfg.target, idle, list(group.values())), file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(Path(report_path) if report_path else out / "priors.json", report)
     return report
+
+
+def nothing_to_correct(target: str, heads: list[str], groups: list[str]) -> str:
+    """The one line of a `priors` run whose heads have no target clips; `groups`: each manifest
+    clip's group (pool, test or "" for labelled), to name the target that would have some."""
+    why = {"pool": "no pool clips (prepare.unlabelled has none)",
+           "test": "no test clips (no unlabelled videos beside the labelled ones)",
+           "all": "no unlabelled clips"}[target]
+    have = {g: groups.count(g) for g in ("pool", "test") if groups.count(g) and g != target}
+    hint = "".join(f"; priors.target: {g} would correct {n} clips" for g, n in have.items())
+    return f"priors: nothing to correct for {', '.join(heads)}: {why}{hint}."
 
 
 def _correct(cfg: PriorsConfig, oof: np.ndarray, y: np.ndarray, target: np.ndarray,

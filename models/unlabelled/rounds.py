@@ -11,7 +11,12 @@
 `semi_base` trains the `semi.heads` on the labelled clips alone; each `semi@<r>` reads the round
 named by its `after`, selects per fold (models.unlabelled.selection), retrains the heads with the selected clips
 appended to that fold's training part only, and predicts again. Every check that can fail
-(unknown heads, thresholds, k, the round chain, an empty unlabelled set) runs before training.
+(unknown heads, thresholds, k, the round chain) runs before training.
+
+With no clip to select from (no unlabelled pool; test clips count only in transductive mode)
+every round, `semi_base` included, has nothing to do: it says so in one line and writes an
+empty round (round.json with a `note` and no metrics, a state with no clips, selected.csv with
+its header only) without training; `semi_report` then reports no rounds' scores.
 """
 from __future__ import annotations
 
@@ -57,7 +62,7 @@ def semi_config(section: Mapping[str, Any] | None) -> SemiConfig:
     return cfg
 
 
-def check(cfg: SemiConfig, train_cfg: Any, n_selectable: int) -> None:
+def check(cfg: SemiConfig, train_cfg: Any) -> None:
     """Every settings error of the whole `semi` section, before any training."""
     if isinstance(cfg.heads, str) or not cfg.heads or len(set(cfg.heads)) != len(cfg.heads):
         raise ConfigError(f"semi.heads={cfg.heads!r} must list one or more distinct heads "
@@ -75,10 +80,6 @@ def check(cfg: SemiConfig, train_cfg: Any, n_selectable: int) -> None:
     for key, rnd in cfg.rounds.items():
         rnd.validate(f"semi.rounds.{key}", len(cfg.heads))
     chain(cfg)
-    if cfg.enabled and cfg.rounds and n_selectable == 0:
-        where = "unlabelled or test" if cfg.transductive else "unlabelled"
-        raise ConfigError(f"semi: there are no {where} clips to select from (prepare.unlabelled "
-                          f"is empty or none); add unlabelled videos, or set semi.enabled: false.")
 
 
 def chain(cfg: SemiConfig) -> list[str]:
@@ -105,20 +106,23 @@ def run_round(key: str, cfg: SemiConfig, train_cfg: Any, manifest: str | os.Path
     """`semi_base` (key == "base") or one `semi@<key>` round; returns its round.json."""
     clips = read_manifest(manifest)
     targets, selectable = _targets(clips, unlabelled_dir, cfg.transductive)
-    check(cfg, train_cfg, int(selectable.sum()))
+    check(cfg, train_cfg)
     out = Path(out_dir)
     folds = sorted({c.fold for c in clips if c.label})
     info: dict = {"round": key, "heads": cfg.heads, "transductive": cfg.transductive,
                   "mode": "transductive (test clips selectable)" if cfg.transductive else
                   "inductive (test clips never selected)", "enabled": cfg.enabled}
-    if key == BASE:
+    rnd = None if key == BASE else _round(cfg, key)
+    if rnd is not None:
+        info.update(after=rnd.after, settings=dataclasses.asdict(rnd))
+    if not selectable.any():
+        return _empty_round(key, cfg, out, folds, info)
+    if rnd is None:
         previous = None
         extras = [(np.zeros(0, np.int64), np.zeros(0, np.int64))] * len(folds)
         gains = [{c: 0 for c in CLASSES}] * len(folds)
     else:
-        rnd = _round(cfg, key)
         previous = _load_state(Path(after_dir), cfg.heads, [c.clip_id for c in targets], folds)
-        info.update(after=rnd.after, settings=dataclasses.asdict(rnd))
         if cfg.enabled:
             extras, gains = next_selection(rnd, f"semi.rounds.{key}", previous, selectable)
         else:
@@ -138,6 +142,24 @@ def run_round(key: str, cfg: SemiConfig, train_cfg: Any, manifest: str | os.Path
     pools = [FoldPool(probs[:, i], t, lab) for i, (t, lab) in enumerate(extras)]
     _save_state(out, cfg.heads, [c.clip_id for c in targets], folds, pools)
     _write_selected(out / SELECTED, key, targets, folds, extras, previous)
+    write_json_atomic(out / INFO, info)
+    return info
+
+
+def _empty_round(key: str, cfg: SemiConfig, out: Path, folds: list[int], info: dict) -> dict:
+    """A round with no clip to select from: its outputs, empty, and one line saying so."""
+    where = "no unlabelled pool or test clips" if cfg.transductive else \
+        "no unlabelled pool clips (prepare.unlabelled is empty)"
+    info.update(note=f"nothing to do: {where}", metrics={}, trained_on_pseudo=[0] * len(folds),
+                gain_per_fold=[{c: 0 for c in CLASSES} for _ in folds],
+                gain={c: 0.0 for c in CLASSES})
+    print(f"{'semi_base' if key == BASE else f'semi@{key}'}: {info['note']}; wrote an empty "
+          f"round, nothing was trained.", file=sys.stderr)
+    empty = np.zeros(0, np.int64)
+    _save_state(out, cfg.heads, [], folds,
+                [FoldPool(np.zeros((len(cfg.heads), 0, len(CLASSES))), empty, empty)
+                 for _ in folds])
+    _write_selected(out / SELECTED, key, [], folds, [(empty, empty)] * len(folds), None)
     write_json_atomic(out / INFO, info)
     return info
 
@@ -254,16 +276,21 @@ def report(cfg: SemiConfig, rounds_dir: str | os.PathLike, out_dir: str | os.Pat
     rounds_dir, out = Path(rounds_dir), Path(out_dir)
     order = [BASE] + chain(cfg)
     infos = [read_json(rounds_dir / r / INFO) for r in order]
+    trained = [r for r in infos if r["metrics"]]  # an empty round (nothing to do) has none
     summary = {"transductive": cfg.transductive, "rounds": order,
-               "heads": {h: {r["round"]: r["metrics"][h]["weighted_f1"] for r in infos}
+               "heads": {h: {r["round"]: r["metrics"][h]["weighted_f1"] for r in trained}
                          for h in cfg.heads},
                "gain": {r["round"]: r["gain"] for r in infos}}
+    if len(trained) < len(infos):
+        summary["note"] = infos[0].get("note") or "some rounds had nothing to do"
+        print(f"semi_report: {len(infos) - len(trained)} of {len(infos)} rounds had nothing to "
+              f"do ({summary['note']}); their scores are left out.", file=sys.stderr)
     for head in cfg.heads:
         write_json_atomic(out / "plots" / f"{head}.json", [
             {"step": i, "round": r["round"], "weighted_f1": r["metrics"][head]["weighted_f1"],
              "accuracy": r["metrics"][head]["accuracy"],
              "pseudo_clips": float(np.mean(r["trained_on_pseudo"]))}
-            for i, r in enumerate(infos)])
+            for i, r in enumerate(infos) if r["metrics"]])
     write_json_atomic(out / "gain.json", [{"step": i, "round": r["round"], **r["gain"]}
                                           for i, r in enumerate(infos)])
     write_json_atomic(out / "metrics.json", summary)

@@ -264,7 +264,7 @@ def test_transductive_mode_selects_test_clips_and_says_so(tmp_path):
     (dict(rounds={"r1": {"after": "base", "thresholds": {"sad": 0}}}),
      r"semi.rounds.r1.thresholds"),
     (dict(rounds={"r1": {"after": "r9"}}), r"\{'r1': 'r9'\}"),
-    (dict(pool=False), r"no unlabelled clips to select from"),
+    (dict(pool=False, heads=["p1", "nope"]), r"semi.heads: \['nope'\]"),  # checked with no pool too
 ])
 def test_bad_settings_fail_before_any_training(tmp_path, change, words):
     from models.unlabelled.rounds import semi_config
