@@ -11,6 +11,8 @@
     mer status [--json]                          clips per stage: done / failed / pending / blocked
     mer predict VIDEO [VIDEO...] [--head H] [--json] [--priors em|FILE]   emotion + class
                                                  probabilities per video
+    mer submit --head H [--priors em|FILE] OUT.csv   MER2024 submission: name,discrete + class
+                                                 probabilities of the unlabelled/test clips
     mer metrics [results/metrics.json]           one line per head: weighted F1, accuracy, macro F1
     mer report [--metric weighted_f1]            `dvc exp show` as a Markdown table (ablations)
 """
@@ -26,7 +28,7 @@ from features.media.manifest import CLASSES
 from features.topology import EVALUATE, HEADS, STAGES
 from stages.common import guard
 
-TOOLS = ("store", "status", "predict", "metrics", "report")
+TOOLS = ("submit", "store", "status", "predict", "metrics", "report")
 
 
 def _stage(name: str, argv: list[str]) -> None:
@@ -216,7 +218,8 @@ def _command(cmd: str, rest: list[str], usage: str) -> int | None:
         return importlib.import_module("stages.asr_score").main(rest[1:])
     if cmd in STAGES:
         return _stage(cmd, rest)
-    tools = {"predict": _predict, "status": _status, "metrics": _metrics, "report": _report}
+    tools = {"predict": _predict, "status": _status, "metrics": _metrics, "report": _report,
+             "submit": lambda argv: importlib.import_module("stages.submit").main(argv)}
     if cmd in tools:
         return tools[cmd](rest)
     store = {"inspect": _inspect, "prune": _prune, "export": _export, "verify": _verify}
