@@ -13,6 +13,7 @@ from typing import Mapping
 
 MANIFEST = "artifacts/prepare/manifest.csv"
 HEADS = "artifacts/heads"  # one folder per trained head (train@<head>)
+ENSEMBLES = "artifacts/ensembles"  # one folder per ensemble (ensemble@<name>)
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ def train(name: str, encoders: list[str]) -> Stage:
 
 
 def ensemble(name: str, heads: list[str]) -> Stage:
-    return Stage(f"ensemble@{name}", f"artifacts/ensembles/{name}", "",
+    return Stage(f"ensemble@{name}", f"{ENSEMBLES}/{name}", "",
                  tuple(f"train@{h}" for h in heads), per_clip=False)
 
 

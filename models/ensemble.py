@@ -160,9 +160,6 @@ def stack(oof: np.ndarray, y: np.ndarray, folds: np.ndarray, test: np.ndarray, c
     """Logistic regression on [N, H*C] log-probabilities, cross-validated on the same folds."""
     from sklearn.linear_model import LogisticRegression
 
-    def feats(p: np.ndarray) -> np.ndarray:  # [H, N, C] -> [N, H*C]
-        return np.log(np.clip(p, EPS, 1.0)).transpose(1, 0, 2).reshape(p.shape[1], -1)
-
     def fit(x: np.ndarray, t: np.ndarray) -> LogisticRegression:
         model = LogisticRegression(C=c, class_weight="balanced" if class_weight else None,
                                    max_iter=2000)
@@ -173,7 +170,7 @@ def stack(oof: np.ndarray, y: np.ndarray, folds: np.ndarray, test: np.ndarray, c
         out[:, model.classes_] = model.predict_proba(x)  # a class absent from a train part: 0
         return out
 
-    x, x_test = feats(oof), feats(test)
+    x, x_test = _stack_features(oof), _stack_features(test)
     out = np.zeros((len(y), len(CLASSES)))
     for k in np.unique(folds):
         held = folds == k
@@ -181,8 +178,37 @@ def stack(oof: np.ndarray, y: np.ndarray, folds: np.ndarray, test: np.ndarray, c
     full = fit(x, y)
     test_probs = proba(full, x_test) if len(x_test) else np.zeros((0, len(CLASSES)))
     info = {"coef_norm_per_head": np.linalg.norm(
-        full.coef_.reshape(len(full.classes_), len(oof), len(CLASSES)), axis=(0, 2)).round(4).tolist()}
+        full.coef_.reshape(len(full.coef_), len(oof), len(CLASSES)), axis=(0, 2)).round(4).tolist(),
+            # the model fit on every labelled row: what predicts new clips (`predict_new`)
+            "model": {"coef": full.coef_.tolist(), "intercept": full.intercept_.tolist(),
+                      "classes": full.classes_.tolist()}}
     return EnsembleResult(out, test_probs, info)
+
+
+def _stack_features(p: np.ndarray) -> np.ndarray:  # [H, N, C] -> [N, H*C]
+    return np.log(np.clip(p, EPS, 1.0)).transpose(1, 0, 2).reshape(p.shape[1], -1)
+
+
+def predict_new(info: dict, probs: np.ndarray) -> np.ndarray:
+    """An ensemble's probabilities for new clips from its members' ([H, N, C], in the order of
+    `info["heads"]`), as its stage combined the unlabelled rows: the same vote, the weights
+    tuned on every labelled row, or the stacking model fit on every labelled row."""
+    method = info["method"]
+    if method in ("hard", "soft"):
+        return (hard_vote if method == "hard" else soft_vote)(probs)
+    if method == "weighted":
+        return np.tensordot(np.asarray(info["weights"]), probs, axes=1)
+    if "model" not in info:
+        raise ConfigError(f"ensemble {info['name']!r} was written before stacking models were "
+                          "saved; rerun it (`dvc repro ensemble@" + info["name"] + "`).")
+    model = info["model"]
+    z = _stack_features(probs) @ np.asarray(model["coef"]).T + np.asarray(model["intercept"])
+    if z.shape[1] == 1:  # two classes present: scikit-learn's binary (sigmoid) form
+        z = np.concatenate([np.zeros_like(z), z], axis=1)
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    out = np.zeros((len(z), len(CLASSES)))
+    out[:, model["classes"]] = p / p.sum(axis=1, keepdims=True)
+    return out
 
 
 def combine(preds: HeadPredictions, cfg: EnsembleConfig) -> EnsembleResult:

@@ -38,29 +38,27 @@ class Prediction:
 
 
 def predict_videos(videos: list[str], params: Mapping, heads_dir: str | os.PathLike, head: str,
-                   work_dir: str | os.PathLike = "artifacts/predict",
-                   priors: str = "") -> list[Prediction]:
-    """One Prediction per video, in order; stage progress goes to stderr. `priors`: "em" or a
-    priors file: prior-shift correction of the probabilities (models.unlabelled.priors.reweight)."""
+                   work_dir: str | os.PathLike = "artifacts/predict", priors: str = "",
+                   ensembles_dir: str | os.PathLike = "artifacts/ensembles") -> list[Prediction]:
+    """One Prediction per video, in order; stage progress goes to stderr. `head` is a trained
+    head or an ensemble (its member heads predict, combined as the ensemble stage did).
+    `priors`: "em" or a priors file: prior-shift correction of the probabilities
+    (models.unlabelled.priors.reweight)."""
     work = Path(work_dir)
-    predictor = trained_head(Path(heads_dir) / head)
+    model = trained_model(Path(heads_dir), Path(ensembles_dir), head)
     preds, clips = _describe_all(videos)
     with contextlib.redirect_stdout(sys.stderr):
-        failed = run_stages(clips, params, work, encoders=predictor.cfg.features, keep_going=True,
+        failed = run_stages(clips, params, work, encoders=model.features, keep_going=True,
                             overrides={"asr": NEW_CLIPS_ASR}).failed if clips else {}
     ok = [c for c in clips if c.clip_id not in failed]
     for pred in preds:
         if pred.clip_id in failed:
             pred.error = failed[pred.clip_id]
-    if ok:  # features computed as the head's were, or an error naming what differs
-        lineage.check(read_meta(Path(heads_dir) / head).get("lineage"), work / "features",
-                      predictor.cfg.features, f"head {head!r}")
-        with FeatureSet(work / "features") as features:
-            have = features.common_ids(predictor.cfg.features, [c.clip_id for c in ok])
-            probs = predictor.predict(features, have) if have else []
+    if ok:
+        have, probs = model.predict(work / "features", [c.clip_id for c in ok])
         if priors and have:
             from models.unlabelled.priors import reweight
-            probs, info = reweight(probs, priors, Path(heads_dir) / head / "predictions.csv")
+            probs, info = reweight(probs, priors, model.folder / "predictions.csv")
             print(f"priors ({info['method']} over {len(have)} clips): {info['priors']}",
                   file=sys.stderr)
         by_id = dict(zip(have, probs))
@@ -80,6 +78,52 @@ def trained_head(head_dir: Path) -> HeadPredictor:
         raise MerError(f"no trained head at {head_dir}; run `dvc repro` first or pick one with "
                        f"--head (trained: {sorted(p.name for p in head_dir.parent.glob('*/'))}).")
     return load_head(head_dir)
+
+
+@dataclass
+class TrainedModel:
+    """A head, or an ensemble of heads, ready to predict clips of a features folder."""
+    name: str
+    folder: Path  # holds its predictions.csv (the source priors of `--priors`)
+    heads: dict[str, HeadPredictor]  # member name -> predictor (one entry for a head)
+    head_dirs: dict[str, Path]
+    ensemble: dict | None = None  # ensemble.json of an ensemble
+
+    @property
+    def features(self) -> list[str]:
+        return sorted({f for p in self.heads.values() for f in p.cfg.features})
+
+    def predict(self, features_dir: Path, ids: list[str]) -> tuple[list[str], np.ndarray]:
+        """(clips every member has features for, their probabilities [N, C])."""
+        for name, predictor in self.heads.items():  # features computed as the head's were
+            lineage.check(read_meta(self.head_dirs[name]).get("lineage"), features_dir,
+                          predictor.cfg.features, f"head {name!r}")
+        with FeatureSet(features_dir) as feats:
+            have = feats.common_ids(self.features, ids)
+            if not have:
+                return [], np.zeros((0, len(CLASSES)))
+            probs = np.stack([np.asarray(p.predict(feats, have)) for p in self.heads.values()])
+        if self.ensemble is None:
+            return have, probs[0]
+        from models.ensemble import predict_new
+        return have, predict_new(self.ensemble, probs)
+
+
+def trained_model(heads_dir: Path, ensembles_dir: Path, name: str) -> TrainedModel:
+    """The trained head `name`, or the ensemble `name` with its member heads."""
+    ens = ensembles_dir / name
+    if not (heads_dir / name).is_dir() and (ens / "ensemble.json").is_file():
+        from features.reliability.reports import read_json
+        info = read_json(ens / "ensemble.json")
+        dirs = {h: heads_dir / h for h in info["heads"]}
+        return TrainedModel(name, ens, {h: trained_head(d) for h, d in dirs.items()}, dirs, info)
+    if not (heads_dir / name).is_dir():
+        trained = sorted(p.name for p in heads_dir.glob("*/")) + sorted(
+            p.parent.name for p in ensembles_dir.glob("*/ensemble.json"))
+        raise MerError(f"no trained head or ensemble {name!r}; run `dvc repro` first or pick one "
+                       f"with --head (trained: {trained}).")
+    return TrainedModel(name, heads_dir / name, {name: trained_head(heads_dir / name)},
+                        {name: heads_dir / name})
 
 
 def _describe_all(videos: list[str]) -> tuple[list[Prediction], list[Clip]]:

@@ -25,7 +25,7 @@ import sys
 
 from features.errors import MerError
 from features.media.manifest import CLASSES
-from features.topology import EVALUATE, HEADS, STAGES
+from features.topology import ENSEMBLES, EVALUATE, HEADS, STAGES
 from stages.common import guard
 
 TOOLS = ("submit", "store", "status", "predict", "metrics", "report")
@@ -133,11 +133,12 @@ def _predict(argv: list[str]) -> int:
     setup()  # the stages' offline mode and logging: the same features as training, no downloads
     from models.predict import predict_videos
     p = argparse.ArgumentParser(prog="mer predict", description="Emotion of new videos with a "
-                                "trained head (run `dvc repro` first).")
+                                "trained head or ensemble (run `dvc repro` first).")
     p.add_argument("videos", nargs="+")
-    p.add_argument("--head", default="", help="trained head (default: evaluate.main_head)")
+    p.add_argument("--head", default="", help="trained head or ensemble (default: evaluate.main_head)")
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--heads", default=HEADS, help="folder of trained heads")
+    p.add_argument("--ensembles", default=ENSEMBLES, help="folder of ensembles")
     p.add_argument("--work", default="artifacts/predict", help="cache folder for the new clips")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--priors", default="", help="prior-shift correction: 'em' (priors estimated "
@@ -145,7 +146,8 @@ def _predict(argv: list[str]) -> int:
     args = p.parse_args(argv)
     params = yaml.safe_load(open(args.params))
     head = args.head or params.get("evaluate", {}).get("main_head", "")
-    preds = predict_videos(args.videos, params, args.heads, head, args.work, args.priors)
+    preds = predict_videos(args.videos, params, args.heads, head, args.work, args.priors,
+                           args.ensembles)
     if args.json:
         print(json.dumps([{k: v for k, v in asdict(r).items() if v != "" and v != {}}
                           for r in preds], indent=1))

@@ -94,6 +94,25 @@ def test_stacking_is_honest_on_noise_and_learns_on_signal():
 
 
 @pytest.mark.parametrize("method", ["hard", "soft", "weighted", "stacking"])
+def test_new_clips_are_combined_as_the_stage_combined_its_unlabelled_rows(tmp_path, method):
+    """`mer predict --head <ensemble>`: members' probabilities of clips the stage never saw,
+    through ensemble.json alone, equal the stage's own unlabelled rows for the same inputs."""
+    from models.ensemble import INFO, predict_new
+    from models.training.bundles import read_predictions
+
+    y, folds = labels(n=150)
+    oof, test = noisy_heads(y, [2.0, 1.0, 0.5]), noisy_heads(np.arange(7) % 6, [1.5, 0.5, 0.0], seed=3)
+    for name, o, t in zip(["a", "b", "c"], oof, test):
+        write_head(tmp_path / "heads", name, y, folds, o, t)
+    run_ensemble("ens", EnsembleConfig(method=method, heads=["a", "b", "c"]), tmp_path / "heads",
+                 tmp_path / "ens")
+    info = json.loads((tmp_path / "ens" / INFO).read_text())
+    rows = [r for r in read_predictions(tmp_path / "ens" / PREDICTIONS) if r["split"] != "labelled"]
+    stage = np.array([[float(r[c]) for c in CLASSES] for r in sorted(rows, key=lambda r: r["clip_id"])])
+    np.testing.assert_allclose(predict_new(info, test), stage, atol=1e-4)  # csv rounding
+
+
+@pytest.mark.parametrize("method", ["hard", "soft", "weighted", "stacking"])
 def test_stage_outputs_are_deterministic_and_evaluated(tmp_path, method):
     y, folds = labels(n=120)
     oof, test = noisy_heads(y, [2.0, 1.0]), noisy_heads(np.zeros(4, int), [0.0, 0.0])

@@ -172,6 +172,12 @@ def test_predict_new_videos_and_per_file_errors(project):
     assert "broken.mp4" in broken["error"] and "emotion" not in broken
     assert "no such file" in missing["error"]
     assert "broken.mp4" in done.stderr
+    # an ensemble predicts too: its member heads on the same cached features, combined
+    vote = subprocess.run(["mer", "predict", str(new), "--head", "vote", "--json"], cwd=project,
+                          env=_env(), capture_output=True, text=True)
+    assert vote.returncode == 0, vote.stderr[-3000:]
+    [ens] = json.loads(vote.stdout)
+    assert ens["emotion"] in CLASSES and abs(sum(ens["probabilities"].values()) - 1) < 1e-3
     with StoreReader(project / "artifacts/predict/features/hubert") as s:
         assert s.ids == ["new_clip"]  # the predict cache, not the corpus stores
 
