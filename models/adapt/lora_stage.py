@@ -50,7 +50,7 @@ from features.reliability.reports import write_json_atomic
 from features.storage.record import StoreRecord
 from features.storage.store import StoreReader, StoreUpdate, clip_key
 from features.encoders.base import pick_device
-from models.adapt.lora import (Adapter, AdaptConfig, FoldModels, LayerStack, featurise, layer_stack,
+from models.adapt.lora import (CHUNK, Adapter, AdaptConfig, FoldModels, LayerStack, featurise, layer_stack,
                                resolve_layers, train_folds, training_digest, weights_digest)
 from models.training.train_config import CLASSES
 from models.evaluation.metrics import compute_metrics
@@ -168,11 +168,15 @@ def fold_models(t: Transform, trained: Path, digest: str, train: Callable[[], Fo
 
 def write_features(up: StoreUpdate, t: Transform, models: FoldModels, ids: Sequence[str],
                    fold_of: dict[str, int]) -> None:
-    """Featurise `ids` under the fold policy and add them to the store as they come."""
+    """Featurise `ids` under the fold policy and add them to the store as they come; every
+    CHUNK clips are persisted (a killed run resumes from there)."""
     module = models.module or t.build()
-    for cid, pooled, last in featurise(module, models, ids, fold_of, t.load, t.cfg, t.device):
+    done = enumerate(featurise(module, models, ids, fold_of, t.load, t.cfg, t.device), 1)
+    for n, (cid, pooled, last) in done:
         array = last[None].astype(np.float16) if t.write_frames else None
         up.add(cid, array, pooled=pooled.astype(np.float16))
+        if n % CHUNK == 0:
+            up.checkpoint()
 
 
 # ----------------------------------------------------------------------------- saved fold models

@@ -251,3 +251,19 @@ def test_saved_files_are_safetensors_of_the_trained_tensors_and_the_record_names
         assert record["weights"] == store.meta["weights_digest"]
     assert record["stage"] == kind and record["folds"] == [0, 1, 2] and record["training"]["labelled"] == 9
     assert record["code"] == json.loads(json.dumps(versions.fingerprint(kind)))
+
+
+def test_a_run_killed_while_featurising_resumes_without_training(project, monkeypatch):
+    root, llm_cfg = project
+    real = lora_stage.write_features
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed after training")
+
+    monkeypatch.setattr(lora_stage, "write_features", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run("adapt", root, llm_cfg)
+    monkeypatch.setattr(lora_stage, "write_features", real)
+    calls = count_training(monkeypatch)
+    report = run("adapt", root, llm_cfg)
+    assert not calls and report["featurised"] == FIRST and report["loss_per_fold"]
