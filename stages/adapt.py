@@ -12,7 +12,7 @@ def main(argv=None) -> None:
     p.add_argument("--manifest", required=True)
     p.add_argument("--features", required=True, help="folder of feature stores (reads <encoder>)")
     p.add_argument("--probe", required=True, help="folder of probe outputs (layers: best)")
-    p.add_argument("--out", required=True, help="folder for report.json")
+    p.add_argument("--out", required=True, help="folder for report.json and trained/ (the saved fold models)")
     p.add_argument("--store", default=None, help="output store (default: <features>/<name>)")
     args = p.parse_args(argv)
     setup()

@@ -12,7 +12,7 @@ def main(argv=None) -> None:
     p.add_argument("name", help="name under joint in params.yaml (also the output store's name)")
     p.add_argument("--manifest", required=True)
     p.add_argument("--features", required=True, help="folder of feature stores")
-    p.add_argument("--out", required=True, help="folder for report.json")
+    p.add_argument("--out", required=True, help="folder for report.json and trained/ (the saved fold models)")
     args = p.parse_args(argv)
     setup()
     cfg = from_section(JointConfig, load_params(f"joint.{args.name}", args.params), f"joint.{args.name}")

@@ -6,12 +6,15 @@ frames alone: the frozen lower layers (and the conv front end, the mel/feature e
 token embeddings) never run again. `LayerStack` knows, per architecture, which blocks those are,
 how to call them (masks, rotary positions) and whether the last hidden state carries a final norm.
 
-Training (`adapt_features`): seeded k-fold on the manifest's folds. Fold k's adapter (LoRA on the
+Training (`train_folds`): seeded k-fold on the manifest's folds. Fold k's adapter (LoRA on the
 blocks' `target_modules` + a linear classifier on the mean-pooled last adapted state) trains on
-the labelled clips outside fold k, and only it writes the adapted features of fold k's clips
-(out-of-fold); clips without a fold (unlabelled, test) get the mean over the fold adapters. The
-frozen base runs in eval mode (no dropout, no layer drop), so the cached path computes exactly
-what the whole model would (tests/models/adapt/test_adapt.py checks the loss trajectory).
+the labelled clips outside fold k. A fold model is kept as its trained tensors only
+(`FoldModels.states`; the frozen blocks are the base's), so the stages save and reload them.
+Featurising (`featurise`) is separate, for any clips: only fold k's model writes the adapted
+features of fold k's labelled clips (out-of-fold); every other clip (unlabelled, test, new) gets
+the mean over the fold models. `adapt_features` does both in memory. The frozen base runs in eval
+mode (no dropout, no layer drop), so the cached path computes exactly what the whole model would
+(tests/models/adapt/test_adapt.py checks the loss trajectory).
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import copy
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -331,6 +334,123 @@ def adapted_features(adapter: Adapter, frames: Sequence[np.ndarray], cfg: AdaptC
     return np.stack(unsort(pooled)), unsort(last), np.stack(unsort(probs))
 
 
+# ----------------------------------------------------------------------------- fold models
+@dataclass
+class FoldModels:
+    """The K fold models as their trained tensors: one module runs each fold's in turn (a fold
+    model is the frozen blocks, the same for every fold, plus its own trained tensors)."""
+
+    folds: list[int]
+    states: list[dict[str, Tensor]]  # per fold: LoRA, classifier (and projector) tensors, on the CPU
+    module: Adapter | None = None  # the last trained fold's module, reused to featurise (None: build one)
+    losses: list[list[float]] = field(default_factory=list)  # per fold, per epoch
+    oof_probs: dict[str, np.ndarray] = field(default_factory=dict)  # labelled clip -> held-out probabilities
+    parameters: dict = field(default_factory=dict)  # trainable count and share
+
+
+def trained_state(module: Adapter) -> dict[str, Tensor]:
+    """What training changed (the trainable tensors), copied to the CPU."""
+    return {n: p.detach().cpu().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def load_state(module: Adapter, state: dict[str, Tensor]) -> None:
+    """Put one fold's trained tensors into `module` (their names must be exactly its trainable ones)."""
+    params = dict(module.named_parameters())
+    wanted = {n for n, p in params.items() if p.requires_grad}
+    if set(state) != wanted:
+        raise ConfigError(f"adapt: saved tensors {sorted(set(state) ^ wanted)[:4]} do not fit the module "
+                          f"these settings build; the weights were saved by other code or settings.")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            params[name].copy_(tensor)
+
+
+def weights_digest(states: Sequence[dict[str, Tensor]]) -> str:
+    """Hash of the fold tensors' values: features made by other weights get other cache keys."""
+    h = hashlib.sha256()
+    for state in states:
+        for name in sorted(state):
+            t = state[name].detach().cpu().contiguous()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def train_folds(base: nn.Module, cfg: AdaptConfig, items: dict[str, Any], labels: dict[str, int],
+                folds: dict[str, int], device: torch.device, build: Callable[[], Adapter]) -> FoldModels:
+    """Train one model per fold on the labelled clips outside it (`items`: at least those clips'
+    inputs); each fold's held-out clips give its out-of-fold class probabilities."""
+    fold_ids = sorted({folds[c] for c in labels})
+    if len(fold_ids) < 2:
+        raise ConfigError(f"adapt: need labelled clips in at least 2 folds, have folds {fold_ids}.")
+    models = FoldModels(fold_ids, [])
+    steps = len(fold_ids) * cfg.epochs * sum(-(-sum(folds[c] != k for c in labels) // cfg.batch_size)
+                                             for k in fold_ids[:1])
+    bar = tqdm(total=steps, desc="adapt", unit="batch", disable=steps < 2)
+    for k in fold_ids:
+        torch.manual_seed(cfg.seed + k)
+        module = build()
+        if not models.parameters:
+            models.parameters = count_parameters(base, module)
+        train = [c for c in labels if folds[c] != k]
+        held = [c for c in labels if folds[c] == k]
+        y = np.array([labels[c] for c in train], np.int64)
+        models.losses.append(train_adapter(module, [items[c] for c in train], y, cfg, device,
+                                           cfg.seed + k, bar.update))
+        if held:
+            _, _, probs = adapted_features(module, [items[c] for c in held], cfg, device)
+            models.oof_probs.update(zip(held, probs))
+        models.states.append(trained_state(module))
+        models.module = module
+    bar.close()
+    return models
+
+
+# Clips whose inputs are in memory at once when featurising. A group of at most this many is
+# batched exactly as one call over it would be (padding decides float rounding): a store made in
+# one run, such as the demo's, keeps its numbers.
+CHUNK = 1024
+
+
+def featurise(module: Adapter, models: FoldModels, ids: Sequence[str], fold_of: dict[str, int],
+              load: Callable[[str], Any], cfg: AdaptConfig,
+              device: torch.device) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """(clip, pooled [n_adapted, D], last-layer frames [T, D]) for each of `ids`, chunk by chunk.
+
+    The fold policy: a labelled clip of fold k (`fold_of`) gets fold k's model, the one that never
+    trained on it; every other clip gets the mean over the fold models (summed in fold order)."""
+    module.to(device)
+    wanted = set(ids)
+    for k, state in zip(models.folds, models.states):
+        held = [c for c in fold_of if fold_of[c] == k and c in wanted]
+        if held:
+            load_state(module, state)
+        for chunk in chunks(held):
+            pooled, last, _ = adapted_features(module, [load(c) for c in chunk], cfg, device)
+            yield from zip(chunk, pooled, last)
+    for chunk in chunks([c for c in ids if c not in fold_of]):
+        yield from zip(chunk, *fold_mean(module, models, [load(c) for c in chunk], cfg, device))
+    load_state(module, models.states[-1])  # leave a trained module as it was trained
+
+
+def chunks(ids: list[str]) -> Iterator[list[str]]:
+    for start in range(0, len(ids), CHUNK):
+        yield ids[start : start + CHUNK]
+
+
+def fold_mean(module: Adapter, models: FoldModels, items: Sequence[Any], cfg: AdaptConfig,
+              device: torch.device) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The mean over the fold models of each item's pooled states and last-layer frames."""
+    pooled_sum, frame_sums = None, None
+    for state in models.states:
+        load_state(module, state)
+        pooled, last, _ = adapted_features(module, items, cfg, device)
+        pooled_sum = pooled if pooled_sum is None else pooled_sum + pooled
+        frame_sums = last if frame_sums is None else [a + b for a, b in zip(frame_sums, last)]
+    n = len(models.states)
+    return pooled_sum / n, [f / n for f in frame_sums]
+
+
 @dataclass
 class AdaptResult:
     pooled: dict[str, np.ndarray]  # every clip -> [n_adapted, D] (out-of-fold / fold mean)
@@ -342,52 +462,22 @@ class AdaptResult:
 
 
 def adapt_features(stack: LayerStack, base: nn.Module, first: int, last: int, cfg: AdaptConfig,
-                   frames: dict[str, np.ndarray], labels: dict[str, int], folds: dict[str, int],
+                   frames: dict[str, Any], labels: dict[str, int], folds: dict[str, int],
                    device: torch.device, make_adapter: Callable[[], Adapter] | None = None) -> AdaptResult:
-    """Train one adapter per fold and write every clip's features out-of-fold.
+    """Train one adapter per fold and write every clip's features out-of-fold, all in memory.
 
-    `frames`: prefix states (hidden state first-1) of every clip; `labels`/`folds`: the labelled
-    clips (fold >= 0). A labelled clip of fold k gets only fold k's adapter (never trained on it);
+    `frames`: the inputs (prefix states) of every clip; `labels`/`folds`: the labelled clips
+    (fold >= 0). A labelled clip of fold k gets only fold k's adapter (never trained on it);
     every other clip gets the mean of all fold adapters' features.
     """
-    ids = list(frames)
-    fold_ids = sorted({folds[c] for c in labels})
-    if len(fold_ids) < 2:
-        raise ConfigError(f"adapt: need labelled clips in at least 2 folds, have folds {fold_ids}.")
     build = make_adapter or (lambda: Adapter(stack, first, last, cfg, len(CLASSES)))
-    result = AdaptResult({}, {}, {}, [], {})
-    others = [c for c in ids if c not in labels]
-    sums: dict[str, np.ndarray] = {}
-    frame_sums: dict[str, np.ndarray] = {}
-    steps = len(fold_ids) * cfg.epochs * sum(-(-sum(folds[c] != k for c in labels) // cfg.batch_size)
-                                             for k in fold_ids[:1])
-    bar = tqdm(total=steps, desc="adapt", unit="batch", disable=steps < 2)
-    for k in fold_ids:
-        torch.manual_seed(cfg.seed + k)
-        adapter = build()
-        if not result.parameters:
-            result.parameters = count_parameters(base, adapter)
-        train = [c for c in labels if folds[c] != k]
-        held = [c for c in labels if folds[c] == k]
-        y = np.array([labels[c] for c in train], np.int64)
-        result.losses.append(train_adapter(adapter, [frames[c] for c in train], y, cfg, device,
-                                           cfg.seed + k, bar.update))
-        for group, mean in ((held, False), (others, True)):
-            if not group:
-                continue
-            pooled, last_frames, probs = adapted_features(adapter, [frames[c] for c in group], cfg, device)
-            for c, v, f, p in zip(group, pooled, last_frames, probs):
-                if mean:
-                    sums[c] = sums.get(c, 0) + v
-                    frame_sums[c] = frame_sums.get(c, 0) + f
-                else:
-                    result.pooled[c], result.frames[c], result.oof_probs[c] = v, f, p
-                    result.source[c] = [k]
-    bar.close()
-    for c in others:
-        result.pooled[c] = sums[c] / len(fold_ids)
-        result.frames[c] = frame_sums[c] / len(fold_ids)
-        result.source[c] = fold_ids
+    models = train_folds(base, cfg, frames, labels, folds, device, build)
+    result = AdaptResult({}, {}, models.oof_probs, models.losses, models.parameters)
+    fold_of = {c: folds[c] for c in labels}
+    for cid, pooled, last_frames in featurise(models.module, models, list(frames), fold_of,
+                                              frames.__getitem__, cfg, device):
+        result.pooled[cid], result.frames[cid] = pooled, last_frames
+        result.source[cid] = [fold_of[cid]] if cid in fold_of else models.folds
     return result
 
 
