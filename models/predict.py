@@ -9,11 +9,12 @@ and the others go on.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -46,11 +47,16 @@ def predict_videos(videos: list[str], params: Mapping, heads_dir: str | os.PathL
     (models.unlabelled.priors.reweight)."""
     work = Path(work_dir)
     model = trained_model(Path(heads_dir), Path(ensembles_dir), head)
+    derived = {n: d for n, d in derived_features(params, Path(heads_dir).parent).items()
+               if n in model.features}
+    bases = sorted({b for f in model.features for b in (derived[f].bases if f in derived else (f,))})
     preds, clips = _describe_all(videos)
     with contextlib.redirect_stdout(sys.stderr):
-        failed = run_stages(clips, params, work, encoders=model.features, keep_going=True,
+        failed = run_stages(clips, params, work, encoders=bases, keep_going=True,
                             overrides={"asr": NEW_CLIPS_ASR}).failed if clips else {}
-    ok = [c for c in clips if c.clip_id not in failed]
+        ok = [c for c in clips if c.clip_id not in failed]
+        for name, d in derived.items() if ok else ():  # trained transforms: saved weights only
+            d.apply(work / "features", [c.clip_id for c in ok], work / "features" / name)
     for pred in preds:
         if pred.clip_id in failed:
             pred.error = failed[pred.clip_id]
@@ -78,6 +84,42 @@ def trained_head(head_dir: Path) -> HeadPredictor:
         raise MerError(f"no trained head at {head_dir}; run `dvc repro` first or pick one with "
                        f"--head (trained: {sorted(p.name for p in head_dir.parent.glob('*/'))}).")
     return load_head(head_dir)
+
+
+@dataclass
+class Derived:
+    """A feature store a trained transform makes from encoder stores (adapt@, joint@, align)."""
+    bases: tuple[str, ...]  # the encoder stores it reads
+    apply: Callable[[Path, list[str], Path], object]  # (features dir, clip ids, out store)
+
+
+def derived_features(params: Mapping, artifacts: Path) -> dict[str, Derived]:
+    """Every derived store params.yaml trains, by name: new clips go through the saved weights
+    (artifacts/adapt|joint/<name>/trained, artifacts/align/<name>) exactly as the stage's would."""
+    from features.params import from_section
+    from models.adapt import joint_stage, lora_stage
+    from models.adapt.joint_llm import JointConfig
+    from models.adapt.lora import AdaptConfig
+    from models.unlabelled.align import AlignConfig, apply_saved_map
+
+    out: dict[str, Derived] = {}
+    for name, entry in (params.get("adapt") or {}).items():
+        cfg = from_section(AdaptConfig, entry, f"adapt.{name}")
+        out[name] = Derived((cfg.encoder,), functools.partial(
+            _apply, lora_stage.apply_saved, name, cfg, artifacts / "adapt" / name / "trained"))
+    for name, entry in (params.get("joint") or {}).items():
+        cfg = from_section(JointConfig, entry, f"joint.{name}")
+        out[name] = Derived((cfg.speech, cfg.llm), functools.partial(
+            _apply, joint_stage.apply_saved, name, cfg, artifacts / "joint" / name / "trained"))
+    if params.get("align"):
+        cfg = from_section(AlignConfig, params["align"], "align")
+        out[cfg.name] = Derived((cfg.source,), lambda fdir, ids, store: apply_saved_map(
+            cfg, artifacts / "align" / cfg.name, fdir, ids, store))
+    return out
+
+
+def _apply(fn, name, cfg, trained, features_dir, ids, out_dir):
+    return fn(name, cfg, trained, features_dir, ids, out_dir)
 
 
 @dataclass

@@ -42,6 +42,9 @@ def _tiny_params() -> dict:
     params["train"]["heads"] = {
         "probe_hubert": {"type": "probe", "features": ["hubert"], "layer": "mean", "epochs": 3},
         "attention": {"type": "attention", "features": ["hubert", "minilm"], "epochs": 3},
+        # heads on derived stores: `mer predict` runs their saved transforms on new clips
+        "probe_lora": {"type": "probe", "features": ["hubert_lora"], "layer": -1, "epochs": 3},
+        "probe_aligned": {"type": "probe", "features": ["clip_aligned"], "layer": -1, "epochs": 3},
     }
     params["probe"].update(epochs=3)
     params["ensemble"] = {"vote": {"method": "soft", "heads": ["probe_hubert", "attention"]}}
@@ -120,7 +123,7 @@ def test_repro_builds_everything_then_noop_then_only_what_changed(project):
         layers, n, dim = s.pooled_shape
         assert n == 14 and layers == s.meta["num_layers"] and s.get("clip_00").shape[0] == 2
     metrics = json.loads((project / "results/metrics.json").read_text())
-    assert set(metrics["heads"]) == {"probe_hubert", "attention", "vote"}
+    assert set(metrics["heads"]) == {"probe_hubert", "attention", "probe_lora", "probe_aligned", "vote"}
     assert metrics["ensembles"] == ["vote"]
     assert 0.0 <= metrics["heads"]["attention"]["weighted_f1"] <= 1.0
     assert (project / "results/confusion.png").stat().st_size > 1000
@@ -178,6 +181,11 @@ def test_predict_new_videos_and_per_file_errors(project):
     assert vote.returncode == 0, vote.stderr[-3000:]
     [ens] = json.loads(vote.stdout)
     assert ens["emotion"] in CLASSES and abs(sum(ens["probabilities"].values()) - 1) < 1e-3
+    for head in ("probe_lora", "probe_aligned"):  # derived features through the saved weights
+        done = subprocess.run(["mer", "predict", str(new), "--head", head, "--json"], cwd=project,
+                              env=_env(), capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert json.loads(done.stdout)[0]["emotion"] in CLASSES
     with StoreReader(project / "artifacts/predict/features/hubert") as s:
         assert s.ids == ["new_clip"]  # the predict cache, not the corpus stores
 
