@@ -10,28 +10,14 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
-from transformers import (  # noqa: E402
-    BertConfig,
-    BertModel,
-    BertTokenizerFast,
-    CLIPConfig,
-    CLIPModel,
-    CLIPVisionConfig,
-    CLIPVisionModel,
-    HubertConfig,
-    HubertModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-    Wav2Vec2FeatureExtractor,
-)
+from transformers import CLIPConfig, CLIPModel  # noqa: E402
 
 from features.encoders import EncoderConfig, load_encoder  # noqa: E402
 from features.encoders.pooling import last_valid, masked_mean  # noqa: E402
 from features.encoders.text import split_gguf  # noqa: E402
 from features.errors import ClipError, ConfigError, ModelLoadError  # noqa: E402
 
-from tiny_models import WORDS, _bert, _clip_processor, _clip_vision, _hubert, _llama  # noqa: E402,F401
+from tiny_models import _bert, _clip_processor, _clip_vision, _hubert, _llama  # noqa: E402
 
 
 @pytest.fixture(scope="module")
