@@ -65,7 +65,7 @@ class FeatureSet:
         """Frame-level states [T_i, D] of one stored layer (one of `layers_frames`) per clip."""
         store = self.store(encoder)
         k = self.frame_layer(encoder, layer)
-        return [store.get(cid)[k] for cid in ids]
+        return [store.frame_layer(cid, k) for cid in ids]
 
     def frame_layer(self, encoder: str, layer: int) -> int:
         """Position of `layer` among the layers the store keeps frame-level states for."""

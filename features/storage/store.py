@@ -531,6 +531,19 @@ class StoreReader:
         """The per-clip array of one clip."""
         return self._dataset(clip_id)[()]
 
+    def frame_layer(self, clip_id: str, k: int) -> np.ndarray:
+        """Frame states [T, D] of the k-th kept frame layer of one clip (frames [K, T, D]), in the
+        stored dtype. HDF5 reads only that slab, and the array owns its data: `get(cid)[k]`
+        would read every kept layer and keep them all alive through the view."""
+        ds = self._dataset(clip_id)
+        if ds.ndim != 3:
+            raise StoreError(f"clip {clip_id!r} in {self.path} holds {ds.ndim}-d data, not frame "
+                             f"states [K, T, D].")
+        if not -ds.shape[0] <= k < ds.shape[0]:
+            raise StoreError(f"frame layer {k} out of range for clip {clip_id!r} in {self.path} "
+                             f"({ds.shape[0]} kept).")
+        return ds[k % ds.shape[0]]
+
     def attrs(self, clip_id: str) -> dict:
         return {k: _py(v) for k, v in self._dataset(clip_id).attrs.items()}
 

@@ -58,7 +58,7 @@ def joint_transform(name: str, cfg: JointConfig, stack: LayerStack, speech: Stor
     dim = int(speech.pooled_shape[2])
     return Transform("joint", name, cfg.adapt_config(),
                      lambda: JointAudioText(stack, first, last, cfg, dim, len(CLASSES)),
-                     lambda cid: (speech.get(cid)[k_speech], text.get(cid)[k_text]), device)
+                     lambda cid: (speech.frame_layer(cid, k_speech), text.frame_layer(cid, k_text)), device)
 
 
 def joint_keys(speech: StoreReader, text: StoreReader, ids: Sequence[str]) -> dict[str, str]:

@@ -324,7 +324,7 @@ def adapt_transform(name: str, cfg: AdaptConfig, stack: LayerStack, reader: Stor
     """Adapters on `stack`'s blocks first..last, reading the prefix frames of `reader`'s clips."""
     k = prefix_index(name, cfg.encoder, reader.meta, first - 1, stack.num_hidden)
     return Transform("adapt", name, cfg, lambda: Adapter(stack, first, last, cfg, len(CLASSES)),
-                     lambda cid: reader.get(cid)[k], device, cfg.write_frames)
+                     lambda cid: reader.frame_layer(cid, k), device, cfg.write_frames)
 
 
 def adapt_store(name: str, cfg: AdaptConfig, enc_cfg: EncoderConfig, manifest: str | Path,
