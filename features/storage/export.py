@@ -122,7 +122,8 @@ def _frames(reader: StoreReader, picked: list[int], reduce: str) -> Iterator[np.
 
     def clips() -> Iterator[np.ndarray]:
         for cid in reader.ids:
-            states = reader.get(cid)[index].astype(np.float32)  # [K, T, D]
+            # only the picked layers are read (StoreReader.frame_layer), not every kept one
+            states = np.stack([reader.frame_layer(cid, k) for k in index]).astype(np.float32)
             yield states.sum(0) if reduce == "sum" else states.mean(0)
     return clips()
 
