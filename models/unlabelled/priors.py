@@ -125,6 +125,19 @@ class Calibration:
     def apply(self, probs: np.ndarray) -> np.ndarray:
         return _bcts(_checked_probs(probs), np.r_[self.temperature, self.bias[1:]])
 
+    def apply_folds(self, fold_probs: np.ndarray) -> np.ndarray:
+        """The rule for clips outside the labelled set: BCTS is fitted on out-of-fold rows, each
+        the probabilities of ONE fold model, so it is applied to each fold model's probabilities
+        [K, M, C] of a target clip and the calibrated probabilities are then averaged over the K
+        folds. Applying it to the fold mean instead (probabilities of another kind: averaging K
+        models already softens them) left benchmarks/semi.py's EM priors 0.068 (L1) from the
+        planted ones; this rule, 0.053 (docs/methods.md, prior-shift correction)."""
+        fold_probs = np.asarray(fold_probs, dtype=np.float64)
+        if fold_probs.ndim != 3:
+            raise ConfigError(f"per-fold posteriors must be [K, N, {len(CLASSES)}], got "
+                              f"{fold_probs.shape}.")
+        return np.mean([self.apply(p) for p in fold_probs], axis=0)
+
 
 def fit_calibration(oof_probs: np.ndarray, labels: np.ndarray) -> Calibration:
     """BCTS by maximum likelihood on held-out (out-of-fold) probabilities and their labels."""
@@ -293,13 +306,21 @@ def nothing_to_correct(target: str, heads: list[str], groups: list[str]) -> str:
 
 def _correct(cfg: PriorsConfig, oof: np.ndarray, y: np.ndarray, target: np.ndarray,
              given: np.ndarray | None) -> tuple[np.ndarray, dict]:
+    """`target`: fold-mean posteriors [M, C] (what predictions.csv holds today) or each fold
+    model's posteriors [K, M, C]; with the latter BCTS follows the per-fold rule
+    (`Calibration.apply_folds`), and the result is the fold mean either way."""
     info: dict = {}
+    target = np.asarray(target, dtype=np.float64)
+    per_fold = target.ndim == 3
     if cfg.calibrate:
         cal = fit_calibration(oof, y)
-        target, source = cal.apply(target), source_priors("labels", y)
+        target = cal.apply_folds(target) if per_fold else cal.apply(target)
+        source = source_priors("labels", y)
+        info["calibration_rule"] = "per_fold" if per_fold else "fold_mean"
         info["calibration"] = {"temperature": round(cal.temperature, 4),
                                "bias": cal.bias.round(4).tolist()}
     else:
+        target = target.mean(axis=0) if per_fold else target
         source = source_priors(cfg.source, y)
     if given is None:
         est = em_priors(target, source, cfg.max_iter, cfg.tol)
