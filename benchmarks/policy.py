@@ -36,6 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save, timer  # noqa: E402
+from semi import fit_logreg  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -93,29 +94,9 @@ def train_transform(x: np.ndarray, y: np.ndarray, regime: str, base: np.ndarray,
     return transform
 
 
-def train_head(x: np.ndarray, y: np.ndarray, l2: float = 1e-3, iters: int = 80):
-    """Class-balanced multinomial logistic regression, standardised on its rows; x -> probs."""
-    mean, std = x.mean(0), x.std(0) + 1e-6
-    xt, yt = torch.from_numpy((x - mean) / std), torch.from_numpy(y)
-    counts = np.bincount(y, minlength=C)
-    cw = torch.tensor(len(y) / (C * np.maximum(counts, 1)), dtype=torch.float32)
-    w = torch.zeros(x.shape[1], C, requires_grad=True)
-    b = torch.zeros(C, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=iters, history_size=10,
-                            line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(xt @ w + b, yt, weight=cw) + l2 * (w * w).sum()
-        loss.backward()
-        return loss
-    opt.step(closure)
-    w, b = w.detach(), b.detach()
-
-    def predict(v: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return torch.softmax(torch.from_numpy((v - mean) / std) @ w + b, 1).double().numpy()
-    return predict
+def train_head(x: np.ndarray, y: np.ndarray):
+    """A fold head: benchmarks/semi.py's class-balanced logistic regression; x -> probs."""
+    return fit_logreg(x, y, l2=1e-3, iters=80)
 
 
 def scores(y: np.ndarray, p: np.ndarray, bins: int = 15) -> dict:

@@ -99,11 +99,10 @@ def inputs(x: dict[str, np.ndarray], head: str, visual: str = "visual") -> np.nd
     return x[visual] if head == "visual" else np.concatenate([x["audio"], x[visual]], axis=1)
 
 
-def logreg(train_x: np.ndarray, train_y: np.ndarray, evals: list[np.ndarray],
-           l2: float = 1e-2, iters: int = 60) -> list[np.ndarray]:
+def fit_logreg(train_x: np.ndarray, train_y: np.ndarray, l2: float = 1e-2, iters: int = 60):
     """A class-balanced multinomial logistic regression (so: uniform source priors),
     standardised on its training rows, fitted by full-batch L-BFGS for a fixed number of steps
-    (torch, one thread: ~20x faster than sklearn's lbfgs here); probabilities for `evals`."""
+    (torch, one thread: ~20x faster than sklearn's lbfgs here); returns x -> probabilities."""
     import torch
 
     torch.set_num_threads(1)
@@ -124,9 +123,19 @@ def logreg(train_x: np.ndarray, train_y: np.ndarray, evals: list[np.ndarray],
         return loss
 
     opt.step(closure)
-    with torch.no_grad():
-        return [torch.softmax(torch.from_numpy(((e - mean) / std).astype(np.float32)) @ w + b,
-                              dim=1).double().numpy() for e in evals]
+
+    def predict(e: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return torch.softmax(torch.from_numpy(((e - mean) / std).astype(np.float32)) @ w + b,
+                                 dim=1).double().numpy()
+    return predict
+
+
+def logreg(train_x: np.ndarray, train_y: np.ndarray, evals: list[np.ndarray],
+           l2: float = 1e-2, iters: int = 60) -> list[np.ndarray]:
+    """`fit_logreg`'s probabilities for each array of `evals`."""
+    predict = fit_logreg(train_x, train_y, l2, iters)
+    return [predict(e) for e in evals]
 
 
 def make_fit_fold(lab: dict, y: np.ndarray, folds: np.ndarray, target: dict, heads: tuple,
