@@ -1,17 +1,9 @@
 """DVC stage `standins`: the demo's random-weight HuBERT and CLIP stand-ins, built from their
 configs with a fixed seed (no hub access needed). A stage, so `dvc pull` brings them to a
 teammate and `dvc repro` never needs a step outside DVC."""
-from dataclasses import dataclass
-
-from features.encoders.standins import build_standins
+from features.encoders.standins import StandinsConfig, build_standins
 from features.params import from_section
 from stages.common import load_params, parser, run, setup
-
-
-@dataclass
-class StandinsConfig:
-    """params.yaml `standins`."""
-    seed: int = 0  # torch seed of the random weights
 
 
 def main(argv=None) -> None:

@@ -6,13 +6,13 @@ them as safetensors with their preprocessor configs, so `load_encoder` loads the
 user's real model folder. Their weights are RANDOM: features from them carry no meaning; they
 exist so the pipeline runs end to end without downloading real weights.
 
-    python -m features.encoders.standins OUT_DIR [--seed N]
+The `standins` stage (stages/standins.py, `mer standins`) builds them into artifacts/standins.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+from dataclasses import dataclass
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -35,6 +35,12 @@ except ImportError:
 from features.cache import versions  # noqa: E402
 
 MARKER = "standin.json"
+
+
+@dataclass
+class StandinsConfig:
+    """params.yaml `standins`."""
+    seed: int = 0  # torch seed of the random weights
 
 
 def build_hubert(out: Path) -> None:
@@ -123,15 +129,3 @@ def _build(folder: Path, build: Callable[[Path], None], seed: int, marker: dict)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Build random-weight stand-in encoders.")
-    parser.add_argument("out_dir")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    for name, path in build_standins(args.out_dir, args.seed).items():
-        print(f"{name}: {path}")
-
-
-if __name__ == "__main__":
-    main()

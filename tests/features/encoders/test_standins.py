@@ -10,7 +10,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from features.encoders import EncoderConfig, load_encoder  # noqa: E402
-from features.encoders.standins import MARKER, build_standins, main  # noqa: E402
+from features.encoders.standins import MARKER, build_standins  # noqa: E402
+from stages.standins import main  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +55,12 @@ def test_idempotent_deterministic_and_seeded(standins, tmp_path, capsys):
     again = build_standins(os.path.dirname(folder), seed=0)
     assert again == standins and os.stat(weights).st_mtime_ns == before  # reused, not rebuilt
 
-    main([str(tmp_path), "--seed", "0"])  # the CLI builds the same bytes from the same seed
+    params = tmp_path / "params.yaml"
+    params.write_text("standins: {seed: 0}\n")
+    out = tmp_path / "built"
+    main([str(out), "--params", str(params)])  # the stage builds the same bytes from the same seed
     assert "clip-standin" in capsys.readouterr().out
-    with open(weights, "rb") as a, open(tmp_path / "clip-standin" / "model.safetensors", "rb") as b:
+    with open(weights, "rb") as a, open(out / "clip-standin" / "model.safetensors", "rb") as b:
         assert a.read() == b.read()
 
     other = build_standins(tmp_path, seed=1)["clip-standin"]  # marker mismatch -> rebuilt
