@@ -106,20 +106,16 @@ def derived_features(params: Mapping, artifacts: Path) -> dict[str, Derived]:
     for name, entry in (params.get("adapt") or {}).items():
         cfg = from_section(AdaptConfig, entry, f"adapt.{name}")
         out[name] = Derived((cfg.encoder,), functools.partial(
-            _apply, lora_stage.apply_saved, name, cfg, artifacts / "adapt" / name / "trained"))
+            lora_stage.apply_saved, name, cfg, artifacts / "adapt" / name / "trained"))
     for name, entry in (params.get("joint") or {}).items():
         cfg = from_section(JointConfig, entry, f"joint.{name}")
         out[name] = Derived((cfg.speech, cfg.llm), functools.partial(
-            _apply, joint_stage.apply_saved, name, cfg, artifacts / "joint" / name / "trained"))
+            joint_stage.apply_saved, name, cfg, artifacts / "joint" / name / "trained"))
     if params.get("align"):
         cfg = from_section(AlignConfig, params["align"], "align")
         out[cfg.name] = Derived((cfg.source,), lambda fdir, ids, store: apply_saved_map(
             cfg, artifacts / "align" / cfg.name, fdir, ids, store))
     return out
-
-
-def _apply(fn, name, cfg, trained, features_dir, ids, out_dir):
-    return fn(name, cfg, trained, features_dir, ids, out_dir)
 
 
 @dataclass
